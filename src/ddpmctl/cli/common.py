@@ -1,0 +1,68 @@
+"""Shared pieces of the CLI: the app, the consoles, option aliases, output helpers."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+
+from ddpmctl import __version__
+
+# Results go to stdout; messages, progress and errors to stderr.
+out_console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
+err_console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"ddpmctl {__version__}")
+        raise typer.Exit(0)
+
+
+app = typer.Typer(
+    name="ddpmctl",
+    help="Train Denoising Diffusion Probabilistic Models on image datasets and sample from them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        Optional[bool],
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Train DDPMs and sample from them. Run `ddpmctl COMMAND --help` for examples."""
+
+
+# Option aliases shared by several commands.
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout (machine-readable).")]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")
+]
+SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
+OutDirOpt = Annotated[Optional[Path], typer.Option("--out", help="Output path.")]
+
+
+def info(msg: str) -> None:
+    """A message for the user on stderr."""
+    err_console.print(msg, highlight=False)
+
+
+def warn(msg: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+
+
+def print_json(obj: Any) -> None:
+    """One JSON object on stdout."""
+    sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
+    sys.stdout.flush()

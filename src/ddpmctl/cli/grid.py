@@ -1,0 +1,113 @@
+"""`ddpmctl grid`: image grids, the training-evolution table and the denoising trajectory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from ddpmctl.cli.common import DeviceOpt, app, info
+
+
+@app.command(epilog="Examples:\n\n  ddpmctl grid faces/ --out faces.png\n\n"
+                    "  ddpmctl grid runs/shapes-20261126-101500 --evolution --out evolution.png\n\n"
+                    "  ddpmctl grid runs/shapes-20261126-101500 --trajectory --out denoise.png --gif denoise.gif")
+def grid(
+    source: Annotated[Path, typer.Argument(help="A folder of images, or a run directory with --evolution/--trajectory.")],
+    out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("grid.png"),
+    nrow: Annotated[Optional[int], typer.Option(min=1, help="Images per row (default: square).")] = None,
+    evolution: Annotated[bool, typer.Option("--evolution", help="One column per saved epoch, same seeds.")] = False,
+    trajectory: Annotated[bool, typer.Option("--trajectory", help="Rows are samples, columns moments of the "
+                                                                  "reverse process.")] = False,
+    gif: Annotated[Optional[Path], typer.Option(help="With --trajectory: also write an animated GIF.")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, max=256, help="Rows (samples) for --evolution/--trajectory.")] = 8,
+    frames: Annotated[int, typer.Option(min=2, max=100, help="Columns for --trajectory.")] = 10,
+    sampler: Annotated[Literal["ddpm", "ddim", "dpm-solver++"], typer.Option(help="--trajectory sampler.")] = "ddim",
+    steps: Annotated[Optional[int], typer.Option(min=1, help="--trajectory steps.")] = None,
+    seed: Annotated[int, typer.Option(min=0, help="--trajectory: image i uses seed SEED + i.")] = 0,
+    device: DeviceOpt = None,
+) -> None:
+    """Write a grid PNG: of a folder's images, of a run's saved epochs, or of the denoising process."""
+    from ddpmctl.errors import UsageError
+    from ddpmctl.images import list_images, make_grid, read_image, save_png, stack_same_size
+
+    if evolution and trajectory:
+        raise UsageError("choose one of --evolution and --trajectory")
+    if out.exists() and out.is_dir():
+        raise UsageError(f"--out {out} is a directory; give a .png file path")
+    if gif is not None and not trajectory:
+        raise UsageError("--gif needs --trajectory")
+    if not source.exists():
+        raise UsageError(f"{source} does not exist")
+    if evolution:
+        img = _evolution(source, n)
+    elif trajectory:
+        img = _trajectory(source, n, frames, sampler, steps, seed, device, gif)
+    else:
+        if not source.is_dir():
+            raise UsageError(f"{source} is not a folder of images")
+        files = list_images(source)
+        if not files:
+            raise UsageError(f"{source} holds no .png/.jpg/.jpeg/.webp images")
+        img = make_grid(stack_same_size([read_image(f) for f in files]), nrow=nrow)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_png(out, img)
+    info(f"wrote {out}")
+    print(out)
+
+
+def _evolution(run_dir: Path, n: int):
+    import torch
+
+    from ddpmctl import checkpoint as ck
+    from ddpmctl import spec as specmod
+    from ddpmctl.errors import UsageError
+    from ddpmctl.images import make_grid, read_image, split_grid
+
+    run_dir = ck.check_run_dir(run_dir)
+    size = specmod.load(run_dir / "spec.json").model.image_size
+    index_path = run_dir / "samples" / "index.json"
+    grids = json.loads(index_path.read_text())["grids"] if index_path.exists() else []
+    if not grids:
+        raise UsageError(f"{run_dir} has no saved sample grids yet (samples/index.json); train for an epoch first")
+    grids = sorted(grids, key=lambda g: g["epoch"])
+    rows = min(n, min(g["n"] for g in grids))
+    cols = [split_grid(read_image(run_dir / "samples" / g["file"]), rows, g["nrow"], size, g["padding"])
+            for g in grids]
+    # rows = seeds, columns = epochs
+    table = torch.stack(cols, dim=1).flatten(0, 1)
+    info("columns: epochs " + ", ".join(str(g["epoch"]) for g in grids))
+    return make_grid(table, nrow=len(grids))
+
+
+def _trajectory(run_dir: Path, n: int, frames: int, sampler: str, steps, seed: int, device, gif: Path | None):
+    import torch
+
+    from ddpmctl.devices import choose_device
+    from ddpmctl.generate import default_steps, generate, load_source
+    from ddpmctl.images import make_grid, save_gif, to_uint8
+
+    dev = choose_device(device or "auto")
+    den = load_source(run_dir, device=dev, on_warning=info)
+    steps = steps or default_steps(sampler, den.spec.diffusion.timesteps)
+    captured: list[torch.Tensor] = []  # every step's x_t
+    final_step = [0]
+
+    def factory(start):
+        def cb(i, total, x_t, x0_pred):
+            captured.append(to_uint8(x_t))
+            final_step[0] = total
+        return cb
+
+    _, imgs, _ = next(generate(den, list(range(seed, seed + n)), sampler=sampler, steps=steps, batch_size=n,
+                               device=dev, callback_factory=factory))
+    seq = captured + [imgs]
+    pick = sorted({round(i * (len(seq) - 1) / (frames - 1)) for i in range(frames)})
+    table = torch.stack([seq[i] for i in pick], dim=1).flatten(0, 1)
+    if gif is not None:
+        stride = max(1, len(seq) // 60)
+        save_gif(gif, [make_grid(seq[i]) for i in list(range(0, len(seq), stride)) + [len(seq) - 1]])
+        info(f"wrote {gif}")
+    return make_grid(table, nrow=len(pick))

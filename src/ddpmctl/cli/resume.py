@@ -1,0 +1,54 @@
+"""`ddpmctl resume RUN_DIR`: continue a run from its newest checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, app
+from ddpmctl.cli.train import run_training
+
+
+@app.command(epilog="Examples:\n\n  ddpmctl resume runs/shapes-20261126-101500\n\n"
+                    "  ddpmctl resume runs/shapes-20261126-101500 --epochs 50")
+def resume(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ddpmctl train`.")],
+    epochs: Annotated[Optional[int], typer.Option(help="New total number of epochs for the run.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="New total number of optimizer steps.")] = None,
+    device: DeviceOpt = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Continue RUN_DIR from its newest valid checkpoint with the same spec, optimizer, EMA and counters.
+
+    --epochs/--max-steps set the run's new total (not an increment), so resuming twice is harmless.
+    """
+    from ddpmctl import checkpoint as ck
+    from ddpmctl import spec as specmod
+    from ddpmctl.errors import UsageError
+
+    run_dir = ck.check_run_dir(run_dir)
+    spec = specmod.load(run_dir / "spec.json")
+    data = spec.model_dump()
+    if epochs is not None:
+        data["train"]["epochs"] = epochs
+        data["train"]["max_steps"] = None
+    if max_steps is not None:
+        data["train"]["max_steps"] = max_steps
+    if device is not None:
+        data["train"]["device"] = device
+    new = specmod.validate(data)
+    if new != spec:
+        if epochs is not None or max_steps is not None:
+            state = ck.find_newest(run_dir).state
+            total = state.get("total_steps")
+            target = new.train.max_steps or new.train.epochs * state["steps_per_epoch"]
+            if target <= state["step"]:
+                raise UsageError(
+                    f"the run is already at step {state['step']} (epoch {state['epoch']:g}); "
+                    f"--epochs/--max-steps give the new total and must exceed that (was {total} steps)"
+                )
+        specmod.save(new, run_dir / "spec.json")
+    run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root)

@@ -1,0 +1,123 @@
+"""`ddpmctl train` and the helpers `resume` shares with it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json
+from ddpmctl.spec import PRESETS
+
+# Datasets whose natural preset differs from their name.
+PRESET_FOR_DATA = {"fashion-mnist": "mnist", "celeba-hq": "celeba"}
+DEFAULT_PRESET = "cifar10"
+
+
+def preset_for(data: str) -> tuple[str, bool]:
+    """(preset, guessed): the preset named like the data, else cifar10 (32x32 RGB)."""
+    if data in PRESETS:
+        return data, False
+    if data in PRESET_FOR_DATA:
+        return PRESET_FOR_DATA[data], False
+    return DEFAULT_PRESET, True
+
+
+def data_source(data: str) -> str:
+    """Local paths become absolute so the run dir works from any directory."""
+    p = Path(data).expanduser()
+    if "://" not in data and (p.exists() or data.startswith((".", "/", "~"))):
+        return str(p.resolve())
+    return data
+
+
+def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root: Optional[Path]) -> None:
+    from ddpmctl.cli.progress import TrainProgress, signals_to
+    from ddpmctl.train import StopFlag, run
+
+    stop = StopFlag()
+    with signals_to(stop), TrainProgress() as progress:
+        result = run(spec, run_dir, resume=resume, on_event=progress, stop=stop, data_root=data_root)
+    if as_json:
+        print_json(result.to_dict())
+    else:
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+        info(f"done: {result.steps} steps, {result.epochs:g} epochs, final loss {loss}"
+             + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
+        print(result.checkpoint or result.run_dir)
+
+
+@app.command(
+    epilog="Examples:\n\n  ddpmctl train shapes\n\n  ddpmctl train ./my_photos --preset celeba --epochs 200\n\n"
+    "  ddpmctl train cifar10 --dry-run --json\n\n  ddpmctl train shapes --set optim.lr=1e-3 --max-steps 200",
+)
+def train(
+    data: Annotated[str, typer.Argument(help="Dataset: shapes, mnist, cifar10, celeba, a prepared name, "
+                                             "a folder or archive of images, hf://datasets/..., https://...")],
+    preset: Annotated[Optional[str], typer.Option(help=f"Model/training preset: {', '.join(PRESETS)} "
+                                                       "(default: named after DATA, else cifar10).")] = None,
+    spec_file: Annotated[Optional[Path], typer.Option("--spec", help="TOML or JSON spec file (partial).")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", help="section.field=value (repeatable).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<data>-<timestamp>).")] = None,
+    device: DeviceOpt = None,  # type: ignore[assignment]
+    precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
+    sample_every: Annotated[Optional[int], typer.Option(help="Sample grid every N epochs.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
+                                                    help="torch.compile (default: on for CUDA).")] = None,
+    deterministic: Annotated[Optional[bool], typer.Option("--deterministic", help="Deterministic mode "
+                                                          "(always on for CPU).")] = None,
+    data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root (default $DDPMCTL_DATA or "
+                                                           "the per-user data dir).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count and "
+                                                            "device; write nothing.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a DDPM on DATA. Progress on stderr; the newest checkpoint path (or --json summary) on stdout."""
+    from ddpmctl import spec as specmod
+    from ddpmctl.train import make_run_dir
+
+    name, guessed = preset_for(data) if preset is None else (preset, False)
+    overrides = {
+        "data": {"source": data_source(data)},
+        "train": {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
+                  "device": device, "precision": precision, "checkpoint_every": checkpoint_every,
+                  "sample_every": sample_every, "deterministic": deterministic,
+                  "compile": None if compile is None else ("on" if compile else "off")},
+        "optim": {"lr": lr},
+    }
+    spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
+    if guessed and not dry_run:
+        info(f"using preset {name} ({spec.model.image_size}x{spec.model.image_size}, "
+             f"{spec.model.channels} channel(s)); choose another with --preset")
+    if dry_run:
+        dry_run_report(spec, as_json)
+        return
+    run_dir = make_run_dir(spec, out)
+    run_training(spec, run_dir, resume=False, as_json=as_json, data_root=data_root)
+
+
+def dry_run_report(spec, as_json: bool) -> None:
+    import torch
+
+    from ddpmctl.devices import choose_device, describe
+    from ddpmctl.unet import build, count_parameters
+
+    dev = choose_device(spec.train.device)
+    with torch.device("meta"):
+        n = count_parameters(build(spec.model))
+    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev)}
+    if as_json:
+        print_json(report)
+        return
+    import json
+
+    print(json.dumps(report["spec"], indent=2))
+    print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
+    print(f"device: {report['device']}")

@@ -1,0 +1,92 @@
+"""The one device and precision chooser."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from ddpmctl.errors import DeviceError
+
+
+def mps_available() -> bool:
+    return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """auto: CUDA, then Apple MPS, then CPU. An unavailable explicit device is a DeviceError."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if mps_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not mps_available():
+            raise DeviceError("--device mps: Apple MPS is not available on this machine; use --device cpu or auto")
+        return torch.device("mps")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise DeviceError(
+                f"--device {name}: CUDA is not available (no NVIDIA GPU, or a CPU-only PyTorch build); "
+                "use --device cpu or auto"
+            )
+        idx = int(name.split(":")[1]) if ":" in name else torch.cuda.current_device()
+        if idx >= torch.cuda.device_count():
+            raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..)")
+        return torch.device("cuda", idx)
+    raise DeviceError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def describe(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    if device.type == "mps":
+        return "mps (Apple Silicon GPU)"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+@dataclass(frozen=True)
+class Precision:
+    name: str  # fp32 | bf16 | fp16
+    autocast_dtype: torch.dtype | None
+    needs_scaler: bool
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+def choose_precision(name: str, device: torch.device) -> Precision:
+    """auto: bf16 autocast on CUDA devices that support it, fp32 elsewhere."""
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp32":
+        return Precision("fp32", None, False)
+    if name == "bf16":
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise DeviceError(f"--precision bf16: {describe(device)} does not support bfloat16; use fp16 or fp32")
+        return Precision("bf16", torch.bfloat16, False)
+    if name == "fp16":
+        if device.type == "cpu":
+            raise DeviceError("--precision fp16 needs a GPU (cuda or mps); on CPU use fp32 or bf16")
+        return Precision("fp16", torch.float16, True)
+    raise DeviceError(f"--precision {name!r}: expected auto, fp32, bf16 or fp16")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+
+
+def set_fast_math(device: torch.device, deterministic: bool) -> None:
+    """TF32 for fp32 matmuls/convs on CUDA unless deterministic."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = not deterministic
+        torch.backends.cudnn.allow_tf32 = not deterministic
+        torch.backends.cudnn.benchmark = not deterministic
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)

@@ -1,0 +1,113 @@
+"""Sampling glue: load a denoiser from a run dir, draw images by seed, in batches.
+
+Image i of a call depends only on its seed (one generator per image), so the batch size never
+changes the output and `--n 100` shares its first 10 images with `--n 10`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from ddpmctl import checkpoint as ck
+from ddpmctl import spec as specmod
+from ddpmctl.devices import Precision
+from ddpmctl.diffusion import Schedule
+from ddpmctl.errors import UsageError
+from ddpmctl.images import to_uint8
+from ddpmctl.samplers import per_image_generators, randn_per_image, sample
+from ddpmctl.spec import RunSpec
+from ddpmctl.unet import UNet, build
+
+
+@dataclass
+class Denoiser:
+    """A network ready for sampling plus everything needed to interpret it."""
+
+    model: UNet
+    spec: RunSpec
+    source: str  # where it came from (run dir / checkpoint), for samples.json
+    checkpoint: str | None
+    weights: str  # "ema" | "model"
+
+
+def model_fn_for(model: UNet, precision: Precision | None, device: torch.device) -> Callable:
+    """(x_t, t) -> float32 prediction, under autocast when asked."""
+
+    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if precision is None or precision.autocast_dtype is None:
+            return model(x, t)
+        with precision.autocast(device):
+            return model(x, t).float()
+
+    return fn
+
+
+def load_run(run_dir: Path, *, use_ema: bool = True, device: torch.device | str = "cpu",
+             on_warning: Callable[[str], None] | None = None) -> Denoiser:
+    run_dir = ck.check_run_dir(Path(run_dir))
+    spec = specmod.load(run_dir / "spec.json")
+    ckpt = ck.find_newest(run_dir, on_warning=on_warning)
+    model = build(spec.model)
+    weights = ckpt.tensors("ema" if use_ema else "model")
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected or [m for m in missing if m in dict(model.named_parameters())]:
+        raise UsageError(f"{ckpt.path}: weights do not match spec.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.to(device).eval()
+    return Denoiser(model, spec, str(run_dir), ckpt.path.name, "ema" if use_ema else "model")
+
+
+def generate(
+    den: Denoiser,
+    seeds: Sequence[int],
+    *,
+    sampler: str = "ddim",
+    steps: int | None = None,
+    eta: float = 0.0,
+    batch_size: int = 64,
+    device: torch.device,
+    precision: Precision | None = None,
+    variance: str = "beta_tilde",
+    callback_factory: Callable[[int], Callable | None] | None = None,
+) -> Iterator[tuple[int, torch.Tensor, int]]:
+    """Yield (first_index, uint8 images (B, C, H, W), network evaluations) batch by batch."""
+    s = den.spec
+    schedule = Schedule.create(s.diffusion.schedule, s.diffusion.timesteps).to(device)
+    shape = (s.model.channels, s.model.image_size, s.model.image_size)
+    fn = model_fn_for(den.model, precision, device)
+    for start in range(0, len(seeds), batch_size):
+        batch_seeds = list(seeds[start : start + batch_size])
+        gens = per_image_generators(batch_seeds, device)
+        x_T = randn_per_image(gens, shape, device)
+        cb = callback_factory(start) if callback_factory else None
+        x0, nfe = sample(sampler, fn, schedule, x_T, gens, steps=steps, eta=eta,
+                         prediction=s.diffusion.prediction, variance=variance, callback=cb)
+        yield start, to_uint8(x0), nfe
+
+
+def load_source(source: str | Path | None, *, use_ema: bool = True, device: torch.device | str = "cpu",
+                on_warning: Callable[[str], None] | None = None) -> Denoiser:
+    """SOURCE: a run dir (default: the newest under ./runs), a model folder written by `ddpmctl export`
+    (config.json + model.safetensors), or hf:OWNER/NAME[@REV] on the Hugging Face Hub."""
+    from ddpmctl import hub
+
+    if source is None:
+        run = ck.newest_run()
+        if on_warning:
+            on_warning(f"using the newest run: {run}")
+        return load_run(run, use_ema=use_ema, device=device, on_warning=on_warning)
+    if isinstance(source, str) and source.startswith(hub.HF_PREFIX):
+        return hub.load_hf(source, device=device, use_ema=use_ema, on_warning=on_warning)
+    path = Path(source)
+    if path.is_dir() and not (path / "spec.json").exists() and (
+            (path / hub.CONFIG_FILE).exists() or (path / hub.MODEL_FILE).exists()
+            or any(p.suffix.lower() in hub.PICKLE_SUFFIXES for p in path.iterdir())):
+        return hub.load_model_folder(path, device=device, use_ema=use_ema, on_warning=on_warning)
+    return load_run(path, use_ema=use_ema, device=device, on_warning=on_warning)
+
+
+def default_steps(sampler: str, timesteps: int) -> int:
+    return {"ddpm": timesteps, "ddim": 50, "dpm-solver++": 20}[sampler]

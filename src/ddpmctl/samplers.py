@@ -1,0 +1,438 @@
+"""Sampling loops: DDPM (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022).
+
+Each sampler is a pure function of (model_fn, schedule, x_T, generators): the caller draws x_T with
+:func:`randn_per_image` from one generator per image seed, and every later random draw is made per
+image from the same generators, so an image depends on its seed and not on the batch it was drawn in.
+
+Conventions shared by all samplers:
+
+* The network is called under ``torch.no_grad`` with the ORIGINAL discrete timestep index, a long
+  tensor of shape (B,), even when a sampler skips steps.
+* Per-step coefficients are Python floats computed from the float64 schedule
+  (:meth:`Schedule.float64`), so the schedule handed in may live on any device in any dtype.
+* ``x`` is kept in float32 (float64 if x_T is float64); the network output is cast to it (bf16 ok).
+* Finiteness is checked every ``_CHECK_EVERY`` steps and at the end (one host sync each), raising
+  :class:`~ddpmctl.errors.NonFiniteError` that names the timestep of the failed check.
+* ``callback(step_index, num_steps, x, x0_pred)`` runs after every step with the updated sample and
+  the x_0 prediction made during that step (step_index counts from 0).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ddpmctl.diffusion import ModelFn, Prediction, Schedule, x0_eps_from_output
+from ddpmctl.errors import NonFiniteError, UsageError
+
+__all__ = [
+    "SamplerCallback",
+    "SamplerName",
+    "SAMPLERS",
+    "per_image_generators",
+    "randn_per_image",
+    "ddpm_sample",
+    "ddim_timesteps",
+    "ddim_sample",
+    "dpm_solver_timesteps",
+    "dpm_solver_pp_sample",
+    "sample",
+]
+
+SamplerCallback = Callable[[int, int, Tensor, Tensor], None]
+SamplerName = Literal["ddpm", "ddim", "dpm-solver++"]
+SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm-solver++")
+
+_CHECK_EVERY = 50  # steps between finiteness checks (each one is a host-device sync)
+
+
+# ---------------------------------------------------------------------------------------------
+# Randomness: one generator per image
+# ---------------------------------------------------------------------------------------------
+
+
+def per_image_generators(seeds: Sequence[int], device: torch.device | str) -> list[torch.Generator]:
+    """One ``torch.Generator`` on ``device`` per image, seeded with that image's seed."""
+    gens = []
+    for seed in seeds:
+        g = torch.Generator(device=device)
+        g.manual_seed(int(seed))
+        gens.append(g)
+    return gens
+
+
+def randn_per_image(
+    generators: Sequence[torch.Generator],
+    shape_per_image: Sequence[int],
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Stack of ``torch.randn(shape_per_image)`` drawn from each generator, moved to ``device``.
+
+    Image i depends only on generators[i]. Draws are made in float32 on the generator's device and
+    then cast, so the values do not depend on ``dtype`` beyond rounding.
+    """
+    if len(generators) == 0:
+        raise ValueError("randn_per_image needs at least one generator")
+    shape = tuple(int(n) for n in shape_per_image)
+    draws = [torch.randn(shape, generator=g, device=g.device, dtype=torch.float32) for g in generators]
+    return torch.stack(draws).to(device=device, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _prepare(x_T: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
+    if len(generators) != x_T.shape[0]:
+        raise ValueError(f"got {len(generators)} generators for a batch of {x_T.shape[0]} images")
+    return x_T if x_T.dtype in (torch.float32, torch.float64) else x_T.float()
+
+
+def _predict(
+    model_fn: ModelFn, x: Tensor, t: int, alpha: float, sigma: float, prediction: Prediction
+) -> tuple[Tensor, Tensor]:
+    """Network call at discrete timestep t, converted to (x0, eps) in x's dtype."""
+    t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
+    return x0_eps_from_output(x, model_fn(x, t_batch), alpha, sigma, prediction)
+
+
+def _check_finite(x: Tensor, name: str, t: int, i: int, n: int) -> None:
+    if (i + 1) % _CHECK_EVERY == 0 or i == n - 1:
+        if not bool(torch.isfinite(x).all()):
+            raise NonFiniteError(
+                f"sampling produced NaN/Inf at step t={t} ({name}, step {i + 1}/{n}); "
+                "the model weights are probably diverged"
+            )
+
+
+def _strictly_decreasing(targets: np.ndarray, T: int) -> list[int]:
+    """Round continuous timestep indices to distinct integers: T-1 first, 0 last, strictly decreasing.
+
+    Where rounding makes neighbours collide (steps crowded near one end), indices are pushed apart by
+    one, keeping room for the remaining steps.
+    """
+    n = len(targets)
+    if not 1 <= n <= T:
+        raise UsageError(f"the number of sampling steps must be between 1 and T = {T}, got {n}")
+    out = [T - 1]
+    for i in range(1, n):
+        lo, hi = n - 1 - i, out[-1] - 1
+        out.append(int(min(max(int(round(float(targets[i]))), lo), hi)))
+    if n > 1:
+        out[-1] = 0
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# DDPM
+# ---------------------------------------------------------------------------------------------
+
+
+def ddpm_sample(
+    model_fn: ModelFn,
+    s: Schedule,
+    x_T: Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    prediction: Prediction = "eps",
+    variance: Literal["beta_tilde", "beta"] = "beta_tilde",
+    clip_denoised: bool = True,
+    callback: SamplerCallback | None = None,
+) -> Tensor:
+    """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2).
+
+    x_{t-1} = mu_tilde_t(x_t, x0_pred) + sigma_t z with z ~ N(0, I) for t > 0 and z = 0 at t = 0, where
+    mu_tilde is the posterior mean of Ho eq. 7 at the predicted x_0 (clipped to [-1, 1] if
+    ``clip_denoised``, as improved-diffusion does; without clipping this equals Ho eq. 11) and
+    sigma_t^2 is beta_tilde_t ("fixed small") or beta_t ("fixed large"), Ho sec. 3.2.
+    """
+    if variance not in ("beta_tilde", "beta"):
+        raise ValueError(f"unknown variance {variance!r}; expected 'beta_tilde' or 'beta'")
+    s64 = s.float64()
+    T = s64.T
+    alpha = s64.sqrt_alphas_cumprod.tolist()
+    sigma = s64.sqrt_one_minus_alphas_cumprod.tolist()
+    coef1 = s64.posterior_mean_coef1.tolist()
+    coef2 = s64.posterior_mean_coef2.tolist()
+    std = (s64.posterior_variance if variance == "beta_tilde" else s64.betas).sqrt().tolist()
+    x = _prepare(x_T, generators)
+    shape = x.shape[1:]
+    with torch.no_grad():
+        for i, t in enumerate(range(T - 1, -1, -1)):
+            x0, _ = _predict(model_fn, x, t, alpha[t], sigma[t], prediction)
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            x_next = coef1[t] * x0 + coef2[t] * x
+            if t > 0:
+                x_next = x_next + std[t] * randn_per_image(generators, shape, x.device, x.dtype)
+            x = x_next
+            _check_finite(x, "ddpm", t, i, T)
+            if callback is not None:
+                callback(i, T, x, x0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DDIM
+# ---------------------------------------------------------------------------------------------
+
+
+def ddim_timesteps(T: int, steps: int, spacing: Literal["uniform", "quadratic"] = "uniform") -> list[int]:
+    """The ``steps`` timesteps DDIM visits, descending, from T-1 to 0 (both always included).
+
+    uniform: t_i = round((T-1) (1 - i/(steps-1))), i = 0..steps-1 (evenly spaced, "linspace").
+    quadratic: t_i = round((T-1) (1 - i/(steps-1))^2), denser near t = 0 (Song et al. 2021, sec. D.2,
+    used there for CIFAR-10), with collisions near 0 pushed apart to keep ``steps`` distinct values.
+
+    Unlike the DDIM code's range(0, T, T // steps) ("leading" spacing), the first step is at T-1, the
+    timestep at which x_T ~ N(0, I) actually matches the forward process (Lin et al. 2024, "Common
+    diffusion noise schedules and sample steps are flawed"). After the step at t = 0 the sampler
+    returns the x_0 prediction (abar = 1).
+    """
+    if not 1 <= steps <= T:
+        raise UsageError(f"ddim steps must be between 1 and T = {T}, got {steps}")
+    if steps == 1:
+        return [T - 1]
+    u = 1.0 - np.arange(steps, dtype=np.float64) / (steps - 1)
+    if spacing == "uniform":
+        targets = (T - 1) * u
+    elif spacing == "quadratic":
+        targets = (T - 1) * u**2
+    else:
+        raise UsageError(f"unknown ddim spacing {spacing!r}; expected 'uniform' or 'quadratic'")
+    return _strictly_decreasing(targets, T)
+
+
+def ddim_sample(
+    model_fn: ModelFn,
+    s: Schedule,
+    x_T: Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    steps: int = 50,
+    eta: float = 0.0,
+    prediction: Prediction = "eps",
+    clip_denoised: bool = True,
+    callback: SamplerCallback | None = None,
+    spacing: Literal["uniform", "quadratic"] = "uniform",
+) -> Tensor:
+    """DDIM (Song et al. 2021, eq. 12) over :func:`ddim_timesteps`.
+
+    x_{t'} = sqrt(abar_{t'}) x0_pred + sqrt(1 - abar_{t'} - sigma^2) eps_pred + sigma z, with
+    sigma = eta sqrt((1 - abar_{t'}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t'}) (eq. 16); t' is the
+    next visited timestep and abar = 1 after the last one. eta = 0 is deterministic; eta = 1 with
+    steps = T is DDPM with beta_tilde (and draws the same noise in the same order as
+    :func:`ddpm_sample`). With ``clip_denoised``, eps is recomputed from the clipped x0 (as
+    improved-diffusion does) so the two stay consistent.
+    """
+    if eta < 0:
+        raise UsageError(f"ddim eta must be >= 0, got {eta}")
+    s64 = s.float64()
+    abar = s64.alphas_cumprod.tolist()
+    ts = ddim_timesteps(s64.T, steps, spacing)
+    n = len(ts)
+    x = _prepare(x_T, generators)
+    shape = x.shape[1:]
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            a_t = abar[t]
+            a_next = abar[ts[i + 1]] if i + 1 < n else 1.0
+            alpha, sigma = math.sqrt(a_t), math.sqrt(1.0 - a_t)
+            x0, eps = _predict(model_fn, x, t, alpha, sigma, prediction)
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+                eps = (x - alpha * x0) / sigma
+            noise_std = eta * math.sqrt((1.0 - a_next) / (1.0 - a_t) * (1.0 - a_t / a_next))
+            dir_coef = math.sqrt(max(1.0 - a_next - noise_std**2, 0.0))
+            x = math.sqrt(a_next) * x0 + dir_coef * eps
+            if noise_std > 0:
+                x = x + noise_std * randn_per_image(generators, shape, x.device, x.dtype)
+            _check_finite(x, "ddim", t, i, n)
+            if callback is not None:
+                callback(i, n, x, x0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+# ---------------------------------------------------------------------------------------------
+
+
+def dpm_solver_timesteps(s: Schedule, steps: int, spacing: Literal["time_uniform", "logSNR"] = "logSNR") -> list[int]:
+    """The ``steps`` discrete timesteps at which DPM-Solver++ evaluates the network, descending, T-1 to 0.
+
+    Continuous time follows the reference implementation's "discrete" NoiseScheduleVP (Lu et al.
+    2022): discrete index n sits at t = (n + 1) / T, and log alpha is linearly interpolated between
+    those points. The reference maps t back to a network input by (t - 1/T) * 1000; here the map is
+    (t - 1/T) * T = n, i.e. exactly the discrete index (the two agree for T = 1000), rounded.
+
+    logSNR: lambda = log(alpha / sigma) evenly spaced from lambda(T-1) to lambda(0) (the reference's
+    default for this solver). time_uniform: t evenly spaced. Each point is then snapped to the
+    nearest discrete index (collisions pushed apart by one), and the solver uses the schedule's
+    exact values at those indices, so the noise level it assumes is the one the network sees.
+    """
+    s64 = s.float64()
+    T = s64.T
+    if not 1 <= steps <= T:
+        raise UsageError(f"dpm-solver++ steps must be between 1 and T = {T}, got {steps}")
+    if steps == 1:
+        return [T - 1]
+    if spacing == "time_uniform":
+        targets = np.linspace(T - 1, 0, steps)
+    elif spacing == "logSNR":
+        lam = (0.5 * s64.log_snr).numpy()  # strictly decreasing in the index
+        lam_targets = np.linspace(lam[-1], lam[0], steps)
+        targets = np.interp(lam_targets, lam[::-1], np.arange(T - 1, -1, -1, dtype=np.float64))
+    else:
+        raise UsageError(f"unknown dpm-solver++ spacing {spacing!r}; expected 'logSNR' or 'time_uniform'")
+    return _strictly_decreasing(targets, T)
+
+
+def dpm_solver_pp_sample(
+    model_fn: ModelFn,
+    s: Schedule,
+    x_T: Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    steps: int = 20,
+    spacing: Literal["time_uniform", "logSNR"] = "logSNR",
+    prediction: Prediction = "eps",
+    clip_denoised: bool = False,
+    callback: SamplerCallback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et al. 2022, Algorithm 2).
+
+    With lambda = log(alpha / sigma), h_i = lambda_i - lambda_{i-1} and D_i the x0 prediction at t_i:
+
+        first step (first order, = DDIM):  x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_{i-1}
+        later steps:                       x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1)
+                                                 * ((1 + 1/(2 r_i)) D_{i-1} - 1/(2 r_i) D_{i-2}),  r_i = h_{i-1} / h_i
+
+    The network is evaluated at the ``steps`` indices of :func:`dpm_solver_timesteps`, which end at
+    t = 0; the last update goes from t = 0 to the clean limit (sigma = 0, where the first-order
+    update is exactly x = D), so the result is denoised and the number of network evaluations is
+    ``steps``. This is the reference's ``lower_order_final`` (the final update is first order) plus
+    ``denoise_to_zero`` folded into the last evaluation; as in the reference, for fewer than 10 steps
+    the update into t = 0 is first order too. The generators are unused (the solver is
+    deterministic); they are accepted for a uniform sampler signature.
+    """
+    s64 = s.float64()
+    ts = dpm_solver_timesteps(s64, steps, spacing)
+    n = len(ts)
+    abar = s64.alphas_cumprod[ts]
+    alphas, sigmas = abar.sqrt().tolist(), (1.0 - abar).sqrt().tolist()
+    lambdas = (0.5 * s64.log_snr[ts]).tolist()
+    x = _prepare(x_T, generators)
+    x0_prev: Tensor | None = None
+    with torch.no_grad():
+        for i, t in enumerate(ts):
+            x0, _ = _predict(model_fn, x, t, alphas[i], sigmas[i], prediction)
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+            if i == n - 1:
+                x = x0  # to sigma = 0: the first-order update reduces to the data prediction
+            else:
+                h = lambdas[i + 1] - lambdas[i]
+                phi = math.expm1(-h)
+                first_order = x0_prev is None or (steps < 10 and i == n - 2)
+                if first_order:
+                    d = x0
+                else:
+                    r = (lambdas[i] - lambdas[i - 1]) / h
+                    d = x0 + (0.5 / r) * (x0 - x0_prev)
+                x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * phi) * d
+            x0_prev = x0
+            _check_finite(x, "dpm-solver++", t, i, n)
+            if callback is not None:
+                callback(i, n, x, x0)
+    return x
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatcher
+# ---------------------------------------------------------------------------------------------
+
+_DEFAULT_STEPS = {"ddim": 50, "dpm-solver++": 20}
+
+
+def sample(
+    name: SamplerName,
+    model_fn: ModelFn,
+    s: Schedule,
+    x_T: Tensor,
+    generators: Sequence[torch.Generator],
+    *,
+    steps: int | None = None,
+    eta: float = 0.0,
+    prediction: Prediction = "eps",
+    variance: Literal["beta_tilde", "beta"] = "beta_tilde",
+    spacing: str | None = None,
+    clip_denoised: bool | None = None,
+    callback: SamplerCallback | None = None,
+) -> tuple[Tensor, int]:
+    """Run the named sampler; return (x_0 clamped to [-1, 1], number of network evaluations).
+
+    steps: ddpm always uses all T (None or T accepted); ddim defaults to 50, dpm-solver++ to 20.
+    spacing: ddim "uniform" | "quadratic" (default uniform); dpm-solver++ "logSNR" | "time_uniform"
+    (default logSNR; time_uniform takes far too large steps at low noise in pixel space and needs
+    ~100 steps for the accuracy logSNR reaches in ~25, as in the reference implementation).
+    clip_denoised: None means the sampler's default (True for ddpm and ddim, False for dpm-solver++).
+    eta is used by ddim only, variance by ddpm only.
+    """
+    T = s.T
+    if name == "ddpm":
+        if steps is not None and steps != T:
+            raise UsageError(
+                f"ddpm always runs all T = {T} steps (got steps={steps}); "
+                "use --sampler ddim (eta=1 for a stochastic sampler) for fewer steps"
+            )
+        if spacing is not None:
+            raise UsageError("spacing applies to ddim and dpm-solver++, not ddpm")
+        x = ddpm_sample(
+            model_fn,
+            s,
+            x_T,
+            generators,
+            prediction=prediction,
+            variance=variance,
+            clip_denoised=True if clip_denoised is None else clip_denoised,
+            callback=callback,
+        )
+        nfe = T
+    elif name == "ddim":
+        nfe = _DEFAULT_STEPS["ddim"] if steps is None else steps
+        x = ddim_sample(
+            model_fn,
+            s,
+            x_T,
+            generators,
+            steps=nfe,
+            eta=eta,
+            prediction=prediction,
+            clip_denoised=True if clip_denoised is None else clip_denoised,
+            callback=callback,
+            spacing=spacing or "uniform",  # type: ignore[arg-type]
+        )
+    elif name == "dpm-solver++":
+        nfe = _DEFAULT_STEPS["dpm-solver++"] if steps is None else steps
+        x = dpm_solver_pp_sample(
+            model_fn,
+            s,
+            x_T,
+            generators,
+            steps=nfe,
+            spacing=spacing or "logSNR",  # type: ignore[arg-type]
+            prediction=prediction,
+            clip_denoised=False if clip_denoised is None else clip_denoised,
+            callback=callback,
+        )
+    else:
+        raise UsageError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    return x.clamp(-1.0, 1.0), nfe

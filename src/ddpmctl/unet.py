@@ -1,0 +1,182 @@
+"""The U-Net denoiser: forward(x_t, t) -> prediction, nothing else.
+
+Ho et al. 2020's architecture (PixelCNN++-style residual blocks, self-attention at chosen
+resolutions, encoder-decoder skips) with the residual blocks' second GroupNorm modulated by the
+timestep embedding (adaptive GroupNorm, "FiLM": (1 + scale) * norm(h) + shift; Dhariwal &
+Nichol 2021). The network knows nothing of the schedule or of what it predicts (eps or v).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ddpmctl.spec import ModelSpec
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, as in Ho et al.)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = t.float()[:, None] * freqs[None]
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
+class ResBlock(nn.Module):
+    """GN-SiLU-conv, then adaptive GN (time scale/shift)-SiLU-dropout-conv, plus a skip."""
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb = nn.Linear(emb_dim, 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, affine=False)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+        h = self.norm2(h) * (1 + scale) + shift
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention over pixels with scaled_dot_product_attention."""
+
+    def __init__(self, ch: int, head_channels: int, groups: int):
+        super().__init__()
+        self.heads = max(1, ch // head_channels)
+        self.norm = nn.GroupNorm(groups, ch)
+        self.qkv = nn.Conv2d(ch, 3 * ch, 1)
+        self.proj = nn.Conv2d(ch, ch, 1)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, hgt, wid = x.shape
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.heads, c // self.heads, hgt * wid)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (b, heads, hw, d)
+        h = F.scaled_dot_product_attention(q, k, v)
+        h = h.transpose(-1, -2).reshape(b, c, hgt, wid)
+        return x + self.proj(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch: int):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """Residual blocks (each optionally followed by attention) at one resolution."""
+
+    def __init__(self, blocks: list[ResBlock], attn: list[nn.Module]):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.attn = nn.ModuleList(attn)
+
+
+class UNet(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        self.spec = spec
+        ch, g, drop = spec.base_channels, spec.groups, spec.dropout
+        emb_dim = spec.time_embed_dim
+        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, emb_dim), nn.SiLU())
+        self.conv_in = nn.Conv2d(spec.channels, ch, 3, padding=1)
+
+        def attn_or_id(c: int, res: int) -> nn.Module:
+            return Attention(c, spec.head_channels, g) if res in spec.attention_resolutions else nn.Identity()
+
+        # Encoder: remember the channels of every skip tensor.
+        skips, res, cur = [ch], spec.image_size, ch
+        self.down = nn.ModuleList()
+        self.downsamplers = nn.ModuleList()
+        for i, mult in enumerate(spec.channel_mult):
+            out = ch * mult
+            blocks, attn = [], []
+            for _ in range(spec.num_res_blocks):
+                blocks.append(ResBlock(cur, out, emb_dim, drop, g))
+                attn.append(attn_or_id(out, res))
+                cur = out
+                skips.append(cur)
+            self.down.append(Level(blocks, attn))
+            last = i == len(spec.channel_mult) - 1
+            self.downsamplers.append(nn.Identity() if last else Downsample(cur))
+            if not last:
+                skips.append(cur)
+                res //= 2
+
+        self.mid1 = ResBlock(cur, cur, emb_dim, drop, g)
+        self.mid_attn = Attention(cur, spec.head_channels, g)
+        self.mid2 = ResBlock(cur, cur, emb_dim, drop, g)
+
+        # Decoder: one more block per level than the encoder, each eating one skip.
+        self.up = nn.ModuleList()
+        self.upsamplers = nn.ModuleList()
+        for i, mult in reversed(list(enumerate(spec.channel_mult))):
+            out = ch * mult
+            blocks, attn = [], []
+            for _ in range(spec.num_res_blocks + 1):
+                blocks.append(ResBlock(cur + skips.pop(), out, emb_dim, drop, g))
+                attn.append(attn_or_id(out, res))
+                cur = out
+            self.up.append(Level(blocks, attn))
+            first = i == 0
+            self.upsamplers.append(nn.Identity() if first else Upsample(cur))
+            if not first:
+                res *= 2
+
+        self.norm_out = nn.GroupNorm(g, cur)
+        self.conv_out = nn.Conv2d(cur, spec.channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        emb = self.time_mlp(timestep_embedding(t, self.spec.time_embed_dim).to(x.dtype))
+        h = self.conv_in(x)
+        hs = [h]
+        for level, downsample in zip(self.down, self.downsamplers):
+            for block, attn in zip(level.blocks, level.attn):
+                h = attn(block(h, emb))
+                hs.append(h)
+            if not isinstance(downsample, nn.Identity):
+                h = downsample(h)
+                hs.append(h)
+        h = self.mid2(self.mid_attn(self.mid1(h, emb)), emb)
+        for level, upsample in zip(self.up, self.upsamplers):
+            for block, attn in zip(level.blocks, level.attn):
+                h = attn(block(torch.cat([h, hs.pop()], dim=1), emb))
+            h = upsample(h)
+        return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def build(spec: ModelSpec) -> UNet:
+    return UNet(spec)

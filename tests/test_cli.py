@@ -1,0 +1,100 @@
+"""The CLI through its real entry point: exit codes, stdout/stderr split, messages."""
+
+import json
+
+import pytest
+import torch
+
+from ddpmctl import __version__
+from ddpmctl.images import make_grid, read_image, save_png
+
+
+def test_version(cli):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"ddpmctl {__version__}"
+
+
+@pytest.mark.parametrize("cmd", ["train", "resume", "sample", "grid"])
+def test_every_subcommand_has_help_with_example(cli, cmd):
+    r = cli(cmd, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Examples" in r.stdout and f"ddpmctl {cmd}" in r.stdout
+
+
+def test_dry_run_json_cifar10_parameter_count(cli, tmp_path):
+    r = cli("train", "cifar10", "--dry-run", "--json", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert abs(out["parameters"] - 35.7e6) / 35.7e6 < 0.03
+    assert out["spec"]["model"]["base_channels"] == 128 and out["device"].startswith("cpu")
+    assert not (tmp_path / "runs").exists()  # wrote nothing
+
+
+def test_dry_run_readable(cli):
+    r = cli("train", "shapes", "--dry-run", "--epochs", "3")
+    assert r.returncode == 0
+    assert '"epochs": 3' in r.stdout and "parameters:" in r.stdout
+
+
+def test_bad_value_exit_2_names_field(cli):
+    r = cli("train", "shapes", "--dry-run", "--lr", "-1")
+    assert r.returncode == 2
+    assert "optim.lr" in r.stderr and "-1" in r.stderr and "Traceback" not in r.stderr
+    assert r.stdout == ""
+
+
+def test_unknown_spec_field_exit_2(cli):
+    r = cli("train", "shapes", "--dry-run", "--set", "train.epoch=3")
+    assert r.returncode == 2 and "train.epoch" in r.stderr and "epochs" in r.stderr
+
+
+def test_cuda_without_cuda_exit_2(cli):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    r = cli("train", "shapes", "--device", "cuda", "--max-steps", "1")
+    assert r.returncode == 2 and "CUDA is not available" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_preset_exit_2(cli):
+    r = cli("train", "shapes", "--preset", "imagenet", "--dry-run")
+    assert r.returncode == 2 and "unknown preset 'imagenet'" in r.stderr
+
+
+def test_missing_run_dir_exit_2(cli, tmp_path):
+    r = cli("resume", str(tmp_path / "nope"))
+    assert r.returncode == 2 and "does not exist" in r.stderr
+    r = cli("resume", str(tmp_path))
+    assert r.returncode == 2 and "not a ddpmctl run directory" in r.stderr
+
+
+def test_sample_without_runs_exit_2(cli):
+    r = cli("sample", "--n", "2", "--out", "x")
+    assert r.returncode == 2 and "no run directories" in r.stderr
+
+
+def test_out_is_a_file_exit_2(cli, tmp_path):
+    (tmp_path / "taken").write_text("x")
+    r = cli("train", "shapes", "--out", "taken", "--max-steps", "1")
+    assert r.returncode == 2 and "is a file" in r.stderr
+
+
+def test_debug_env_adds_traceback(cli):
+    r = cli("resume", "nope", env={"DDPMCTL_DEBUG": "1"})
+    assert r.returncode == 2 and "Traceback" in r.stderr
+
+
+def test_grid_of_folder(cli, tmp_path):
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        save_png(folder / f"{i}.png", torch.full((3, 8, 8), i * 40, dtype=torch.uint8))
+    r = cli("grid", "imgs", "--out", "g.png", "--nrow", "5")
+    assert r.returncode == 0, r.stderr
+    g = read_image(tmp_path / "g.png")
+    assert g.shape == make_grid(torch.zeros(5, 3, 8, 8, dtype=torch.uint8), nrow=5).shape
+
+
+def test_grid_of_empty_folder_exit_2(cli, tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = cli("grid", "empty", "--out", "g.png")
+    assert r.returncode == 2 and "no .png" in r.stderr

@@ -1,0 +1,81 @@
+import json
+
+import pytest
+
+from ddpmctl import spec as S
+from ddpmctl.errors import SpecError, UsageError
+
+
+def test_presets_validate():
+    for name in S.PRESETS:
+        sp = S.resolve(name)
+        assert sp.preset == name
+
+
+def test_precedence_preset_file_set_flags(tmp_path):
+    f = tmp_path / "s.toml"
+    f.write_text('[optim]\nlr = 0.001\nwarmup_steps = 7\n[train]\nbatch_size = 16\n')
+    sp = S.resolve("shapes", spec_file=f, sets=["optim.lr=0.002", "train.batch_size=8"],
+                   overrides={"train": {"batch_size": 4, "epochs": None}})
+    assert sp.optim.lr == 0.002  # --set beats the file
+    assert sp.optim.warmup_steps == 7  # the file beats the preset
+    assert sp.train.batch_size == 4  # flags beat --set
+    assert sp.train.epochs == S.PRESETS["shapes"]["train"]["epochs"]  # None flags change nothing
+
+
+def test_json_spec_file_and_list_set(tmp_path):
+    f = tmp_path / "s.json"
+    f.write_text(json.dumps({"model": {"base_channels": 64}}))
+    sp = S.resolve("cifar10", spec_file=f, sets=["model.channel_mult=1,2,2"])
+    assert sp.model.base_channels == 64 and sp.model.channel_mult == (1, 2, 2)
+
+
+def test_bad_value_names_field_value_and_rule():
+    with pytest.raises(SpecError) as e:
+        S.resolve("shapes", sets=["optim.lr=-1"])
+    msg = str(e.value)
+    assert "optim.lr" in msg and "-1" in msg and "greater than 0" in msg
+
+
+def test_unknown_field_lists_known_fields():
+    with pytest.raises(SpecError) as e:
+        S.resolve("shapes", sets=["optim.learning_rate=1"])
+    assert "optim.learning_rate" in str(e.value) and "lr" in str(e.value)
+
+
+def test_unknown_section_and_malformed_set():
+    with pytest.raises(UsageError, match="unknown section"):
+        S.resolve("shapes", sets=["optimizer.lr=1"])
+    with pytest.raises(UsageError, match="section.field=value"):
+        S.resolve("shapes", sets=["lr=1"])
+
+
+def test_image_size_levels_cross_check():
+    with pytest.raises(SpecError) as e:
+        S.resolve("cifar10", sets=["model.image_size=28"])
+    assert "28" in str(e.value) and "divisible by 8" in str(e.value)
+
+
+def test_attention_resolution_must_exist():
+    with pytest.raises(SpecError, match="attention_resolutions"):
+        S.resolve("cifar10", sets=["model.attention_resolutions=[5]"])
+
+
+def test_newer_spec_version_refused(tmp_path):
+    p = tmp_path / "spec.json"
+    d = S.dump(S.resolve("shapes"))
+    d["version"] = S.SPEC_VERSION + 1
+    p.write_text(json.dumps(d))
+    with pytest.raises(SpecError, match="newer ddpmctl"):
+        S.load(p)
+
+
+def test_save_load_round_trip(tmp_path):
+    sp = S.resolve("mnist", sets=["train.seed=5"])
+    S.save(sp, tmp_path / "spec.json")
+    assert S.load(tmp_path / "spec.json") == sp
+
+
+def test_unknown_preset():
+    with pytest.raises(UsageError, match="unknown preset 'nope'"):
+        S.resolve("nope")
