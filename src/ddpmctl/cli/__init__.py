@@ -30,30 +30,31 @@ _register()
 
 
 def main() -> None:
+    from rich.markup import escape
+
     from ddpmctl.errors import DdpmctlError
 
     try:
-        app(standalone_mode=False)
+        rc = app(standalone_mode=False)
     except DdpmctlError as exc:
         if os.environ.get("DDPMCTL_DEBUG"):
             import traceback
 
             traceback.print_exc()
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors and aborts
-        import click
-
-        if isinstance(exc, click.exceptions.Exit):
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:
+        # Usage errors of the click that typer bundles: duck-typed, as typer may vendor its own copy.
+        name = type(exc).__name__
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # ClickException, UsageError, BadParameter
             exc.show(file=sys.stderr)
             sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
+        if name == "Exit":
+            sys.exit(getattr(exc, "exit_code", 0))
+        if name == "Abort":
             sys.exit(130)
         raise
+    sys.exit(rc if isinstance(rc, int) else 0)

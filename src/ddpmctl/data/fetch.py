@@ -1,0 +1,100 @@
+"""Downloading one file over http(s) with urllib: streamed to a temporary name, sha256-verified."""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import os
+import re
+import socket
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from ddpmctl import __version__
+from ddpmctl.data._events import Event, Progress
+from ddpmctl.errors import DataError, NetworkError, UsageError
+
+CHUNK = 1 << 20
+TIMEOUT_S = 60
+SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+
+
+def check_sha256(value: str | None, source: str) -> str:
+    if not value:
+        raise UsageError(
+            f"--sha256 is required to download {source}: give the file's SHA-256 (usually published next to it; "
+            "`sha256sum FILE` computes it) so a corrupted or substituted file is never used"
+        )
+    if not SHA256_RE.match(value.strip()):
+        raise UsageError(f"--sha256 must be 64 hexadecimal digits, got {value!r}")
+    return value.strip().lower()
+
+
+def url_filename(url: str) -> str:
+    name = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path)).name
+    name = re.sub(r"[^A-Za-z0-9._+-]+", "_", name).lstrip(".")
+    return name or "download"
+
+
+def split_url_fragment(url: str) -> tuple[str, str | None]:
+    """``https://x/y.zip#sha256=HEX`` -> (``https://x/y.zip``, ``HEX``)."""
+    base, _, frag = url.partition("#")
+    m = re.match(r"^sha256=([0-9a-fA-F]{64})$", frag)
+    return base, (m.group(1).lower() if m else None)
+
+
+def download_file(url: str, dest: Path, *, sha256: str, on_event: Event | None = None,
+                  timeout: float = TIMEOUT_S) -> Path:
+    """Download ``url`` to ``dest`` unless ``dest`` already holds a file with that sha256.
+
+    The data goes to ``dest.part-PID`` first; on a checksum mismatch it is deleted and
+    :class:`DataError` names the file and both hashes; on a network failure :class:`NetworkError`.
+    """
+    dest = Path(dest)
+    if dest.is_file():
+        h = hashlib.sha256()
+        with open(dest, "rb") as f:
+            while chunk := f.read(CHUNK * 8):
+                h.update(chunk)
+        if h.hexdigest() == sha256:
+            return dest
+        dest.unlink()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
+    retry = "check the address and your connection, then run the same command again"
+    h = hashlib.sha256()
+    req = urllib.request.Request(url, headers={"User-Agent": f"ddpmctl/{__version__}"})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as out:
+            length = resp.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            progress = Progress(on_event, "download", total, unit="bytes", source=url)
+            while chunk := resp.read(CHUNK):
+                out.write(chunk)
+                h.update(chunk)
+                progress.update(len(chunk))
+            progress.close()
+            if total is not None and progress.done != total:
+                raise NetworkError(f"download of {url} stopped after {progress.done} of {total} bytes; {retry}")
+    except urllib.error.HTTPError as exc:
+        part.unlink(missing_ok=True)
+        raise NetworkError(f"could not download {url}: HTTP {exc.code} {exc.reason}; {retry}") from exc
+    except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException,
+            OSError) as exc:
+        part.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
+        raise NetworkError(f"could not download {url}: {reason}; {retry}") from exc
+    except BaseException:
+        part.unlink(missing_ok=True)
+        raise
+    actual = h.hexdigest()
+    if actual != sha256:
+        part.unlink(missing_ok=True)
+        raise DataError(
+            f"checksum mismatch for {dest.name} downloaded from {url}: expected sha256 {sha256}, got {actual}; "
+            "the file was deleted and nothing was prepared"
+        )
+    os.replace(part, dest)
+    return dest

@@ -1,0 +1,249 @@
+"""Datasets from the Hugging Face Hub: ``hf://datasets/OWNER/NAME[@REVISION]``.
+
+Files are listed with ``huggingface_hub.list_repo_files`` and fetched one by one with
+``huggingface_hub.hf_hub_download`` into ``ROOT/.cache/hf`` (the Hub's own cache layout, so
+a second download reuses them). Parquet files are preferred; a repository of plain image
+files (an "imagefolder") works too. The image column of a parquet file is found
+automatically: the column the Hub's ``datasets`` metadata marks as an ``Image`` feature, else
+a struct column with a binary ``bytes`` field, else a binary column; ``--column`` overrides.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from ddpmctl.data._events import Event, Progress, emitter
+from ddpmctl.data.decode import IMAGE_EXTENSIONS, Source
+from ddpmctl.errors import DataError, DataNotFoundError, NetworkError, UsageError
+
+HF_PREFIX = "hf://datasets/"
+KNOWN_SPLITS = ("train", "test", "validation", "valid", "val", "dev", "eval")
+_SHARD_RE = re.compile(r"^(?P<split>[A-Za-z0-9_]+?)-\d{5}-of-\d{5}")
+_REPO_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def parse_hf(source: str) -> tuple[str, str | None]:
+    """``hf://datasets/OWNER/NAME[@REV]`` -> (``OWNER/NAME``, ``REV`` or None)."""
+    if not source.startswith(HF_PREFIX):
+        raise UsageError(f"expected hf://datasets/OWNER/NAME or hf://datasets/OWNER/NAME@REVISION, got {source!r}")
+    rest = source[len(HF_PREFIX):].strip("/")
+    repo, _, rev = rest.partition("@")
+    if not _REPO_RE.match(repo):
+        raise UsageError(f"expected hf://datasets/OWNER/NAME or hf://datasets/OWNER/NAME@REVISION, got {source!r}")
+    return repo, (rev or None)
+
+
+def hf_source(repo: str) -> str:
+    return f"{HF_PREFIX}{repo}"
+
+
+def split_of(path: str) -> str:
+    """The split a repository file belongs to, from the Hub's naming conventions."""
+    parts = path.split("/")
+    for d in parts[:-1]:
+        if d.lower() in KNOWN_SPLITS:
+            return d.lower()
+    stem = parts[-1].rsplit(".", 1)[0]
+    m = _SHARD_RE.match(stem)
+    if m:
+        return m.group("split").lower()
+    token = re.split(r"[-_.]", stem, maxsplit=1)[0].lower()
+    if token in KNOWN_SPLITS:
+        return token
+    return "train"
+
+
+@dataclass
+class HubFiles:
+    repo: str
+    revision: str | None  # resolved commit when known
+    kind: str  # "parquet" or "images"
+    files: dict  # split -> list[Path]
+
+
+def _hub_errors(repo: str, revision: str | None, exc: Exception) -> Exception:
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, RepositoryNotFoundError,
+                                       RevisionNotFoundError)
+
+    src = hf_source(repo) + (f"@{revision}" if revision else "")
+    if isinstance(exc, GatedRepoError):
+        return DataError(f"{src} is gated: accept its terms on huggingface.co and log in (`hf auth login` or HF_TOKEN)")
+    if isinstance(exc, RepositoryNotFoundError):
+        return DataNotFoundError(f"{src} was not found on the Hugging Face Hub (a private dataset needs HF_TOKEN)")
+    if isinstance(exc, RevisionNotFoundError):
+        return DataNotFoundError(f"{src}: revision {revision!r} does not exist")
+    if isinstance(exc, EntryNotFoundError) and not isinstance(exc, OSError):
+        return DataError(f"{src}: a listed file is missing: {exc}")
+    name = type(exc).__name__
+    offline = "OfflineMode" in name or "LocalEntryNotFound" in name
+    hint = ("HF_HUB_OFFLINE is set; unset it to download" if offline
+            else "check your connection (and HF_TOKEN for private data), then run the same command again")
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else name
+    return NetworkError(f"could not fetch {src} from the Hugging Face Hub: {first}; {hint}")
+
+
+class _NullFile:
+    def write(self, s: str) -> int:
+        return len(s)
+
+    def flush(self) -> None:
+        pass
+
+
+def _progress_tqdm(on_event: Event | None, filename: str):
+    """A tqdm class for hf_hub_download that reports bytes through on_event and prints nothing."""
+    from tqdm.std import tqdm as _tqdm
+
+    class _Quiet(_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = False
+            kwargs["file"] = _NullFile()
+            super().__init__(*args, **kwargs)
+            self._ddpmctl = Progress(on_event, "download", self.total, unit="bytes", source=filename)
+
+        def update(self, n=1):
+            out = super().update(n)
+            if n:
+                self._ddpmctl.total = self.total
+                self._ddpmctl.update(int(n))
+            return out
+
+        def close(self):
+            if hasattr(self, "_ddpmctl") and not getattr(self, "_ddpmctl_closed", False):
+                self._ddpmctl_closed = True
+                self._ddpmctl.close()
+            super().close()
+
+    return _Quiet
+
+
+def fetch_hub(repo: str, revision: str | None, cache: Path, *, splits: list[str] | None,
+              on_event: Event | None = None) -> HubFiles:
+    """List the repository, pick the parquet (or image) files of the wanted splits, download them."""
+    import huggingface_hub
+
+    emit = emitter(on_event)
+    try:
+        names = huggingface_hub.list_repo_files(repo, repo_type="dataset", revision=revision)
+    except Exception as exc:
+        raise _hub_errors(repo, revision, exc) from exc
+    parquet = [n for n in names if n.lower().endswith(".parquet")]
+    images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
+    kind, chosen = ("parquet", parquet) if parquet else ("images", images)
+    if not chosen:
+        raise DataError(f"{hf_source(repo)} has no parquet or image files ({len(names)} files listed)")
+    by_split: dict[str, list[str]] = {}
+    for n in sorted(chosen):
+        by_split.setdefault(split_of(n), []).append(n)
+    wanted = splits or sorted(by_split)
+    missing = [s for s in wanted if s not in by_split]
+    if missing:
+        raise UsageError(f"{hf_source(repo)} has no split {', '.join(map(repr, missing))}; "
+                         f"it has: {', '.join(sorted(by_split))}")
+    todo = [n for s in wanted for n in by_split[s]]
+    kwargs = {}
+    params = inspect.signature(huggingface_hub.hf_hub_download).parameters
+    emit({"event": "message", "message": f"fetching {len(todo)} file(s) of {hf_source(repo)} "
+                                         f"({', '.join(wanted)}) into {cache}"})
+    files_progress = Progress(on_event, "fetch", len(todo), unit="files", source=hf_source(repo))
+    local: dict[str, Path] = {}
+    commit = None
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    was_disabled = are_progress_bars_disabled()
+    try:
+        for n in todo:
+            if "tqdm_class" in params:
+                kwargs["tqdm_class"] = _progress_tqdm(on_event, n)
+            else:
+                disable_progress_bars()
+            try:
+                p = huggingface_hub.hf_hub_download(repo, n, repo_type="dataset", revision=revision,
+                                                    cache_dir=str(cache), **kwargs)
+            except Exception as exc:
+                raise _hub_errors(repo, revision, exc) from exc
+            p = Path(p)
+            local[n] = p
+            parts = p.parts
+            if commit is None and "snapshots" in parts:
+                i = parts.index("snapshots")
+                if i + 1 < len(parts) and re.match(r"^[0-9a-f]{40}$", parts[i + 1]):
+                    commit = parts[i + 1]
+            files_progress.update(1)
+    finally:
+        if not was_disabled:
+            enable_progress_bars()
+    files_progress.close()
+    return HubFiles(repo, commit or revision, kind, {s: [local[n] for n in by_split[s]] for s in wanted})
+
+
+# ----------------------------------------------------------------------------- parquet
+
+
+def find_image_column(schema, metadata: dict | None, column: str | None, where: str) -> str:
+    import pyarrow as pa
+
+    names = list(schema.names)
+    if column:
+        if column not in names:
+            raise UsageError(f"--column {column!r} is not in {where}; columns: {', '.join(names)}")
+        return column
+    feats = {}
+    if metadata and b"huggingface" in metadata:
+        try:
+            feats = json.loads(metadata[b"huggingface"]).get("info", {}).get("features", {}) or {}
+        except (ValueError, AttributeError):
+            feats = {}
+    for name, f in feats.items():
+        if isinstance(f, dict) and f.get("_type") == "Image" and name in names:
+            return name
+    for field in schema:
+        t = field.type
+        if pa.types.is_struct(t):
+            sub = {t.field(i).name: t.field(i).type for i in range(t.num_fields)}
+            if "bytes" in sub and (pa.types.is_binary(sub["bytes"]) or pa.types.is_large_binary(sub["bytes"])):
+                return field.name
+    binary = [f.name for f in schema if pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type)]
+    for name in binary:
+        if re.search(r"im(a)?g|pic|photo|png|jpe?g", name, re.I):
+            return name
+    if binary:
+        return binary[0]
+    raise DataError(f"no image column in {where} (columns: {', '.join(names)}); name one with --column")
+
+
+def parquet_images(paths: list[Path], column: str | None) -> tuple[int, str, Iterator[tuple[str, Source]]]:
+    """(row count, image column, iterator of (row name, image bytes)) over parquet files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    total, col = 0, None
+    for p in paths:
+        try:
+            pf = pq.ParquetFile(p)
+        except (OSError, pa.ArrowException) as exc:
+            raise DataError(f"{p} is not a readable parquet file: {exc}") from exc
+        c = find_image_column(pf.schema_arrow, pf.schema_arrow.metadata, column, str(p.name))
+        if col is not None and c != col:
+            raise DataError(f"parquet files disagree on the image column ({col!r} vs {c!r}); use --column")
+        col = c
+        total += pf.metadata.num_rows
+
+    def items() -> Iterator[tuple[str, Source]]:
+        for p in paths:
+            pf = pq.ParquetFile(p)
+            row = 0
+            for batch in pf.iter_batches(batch_size=256, columns=[col]):
+                arr = batch.column(0)
+                if pa.types.is_struct(arr.type):
+                    arr = arr.field("bytes")
+                for b in arr.to_pylist():
+                    yield f"{p.name}#{row}", (b if isinstance(b, bytes) else b"")
+                    row += 1
+
+    return total, col, items()

@@ -1,0 +1,169 @@
+"""The datasets ddpmctl knows by name, and where each one comes from.
+
+* ``mnist``, ``fashion-mnist``, ``cifar10``: torchvision's dataset classes (their mirrors and
+  MD5 checks) download into ``ROOT/.cache/torchvision``; prepared at their native size.
+* ``celeba``: the aligned-and-cropped CelebA images (178x218) from the Hub mirror
+  :data:`CELEBA_HUB_REPO`, torchvision's ``CelebA`` as fallback; cropped as the DDIM code does
+  (a 128x128 box centred on (x=89, y=121), see :data:`CELEBA_CROPS`) and resized to 64.
+* ``celeba-hq``: the 30,000 CelebA-HQ faces from :data:`CELEBA_HQ_HUB_REPO`, resized to ``--size``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import urllib.error
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ddpmctl.errors import DataError, NetworkError
+
+# Hub mirrors (module constants so a mirror change is a one-line edit).
+# flwrlabs/celeba: the official aligned 178x218 images with the official train/valid/test partition.
+CELEBA_HUB_REPO = "flwrlabs/celeba"
+# mattymchen/celeba-hq: the 30,000 CelebA-HQ images, 28,000 train / 2,000 validation.
+CELEBA_HQ_HUB_REPO = "mattymchen/celeba-hq"
+
+# Crop boxes for the 178x218 aligned CelebA images, as (left, top, right, bottom) pixels.
+# "ddim": ermongroup/ddim datasets/__init__.py (from NCSN): 128x128 centred on (x=89, y=121).
+# "center140": the 140x140 centre crop, another common CelebA-64 preprocessing.
+CELEBA_SIZE = (178, 218)
+CELEBA_CROPS = {
+    "ddim": (25, 57, 153, 185),
+    "center140": (19, 39, 159, 179),
+}
+
+ALIASES = {
+    "cifar-10": "cifar10", "cifar_10": "cifar10",
+    "fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "fmnist": "fashion-mnist",
+    "celeba64": "celeba", "celeba-64": "celeba",
+    "celeba_hq": "celeba-hq", "celebahq": "celeba-hq",
+}
+
+
+@dataclass(frozen=True)
+class KnownDataset:
+    name: str
+    kind: str  # "torchvision" or "hub"
+    size: int  # default prepared size
+    channels: int
+    splits: tuple[str, ...]
+    licence: str
+    description: str
+    hub_repo: str | None = None
+    hub_splits: dict = field(default_factory=dict)  # our split -> the Hub's split name
+    crops: tuple[str, ...] = ()  # crop choices; the first is the default
+    high_res: bool = False  # the source is larger than `size`, so other sizes are prepared, not upscaled
+
+    @property
+    def source(self) -> str:
+        if self.kind == "hub":
+            return f"hf://datasets/{self.hub_repo}"
+        return f"torchvision:{self.name}"
+
+
+KNOWN: dict[str, KnownDataset] = {
+    "mnist": KnownDataset(
+        "mnist", "torchvision", 28, 1, ("train", "test"),
+        "MNIST (LeCun, Cortes, Burges): commonly distributed under CC BY-SA 3.0",
+        "70,000 handwritten digits, 28x28 grayscale"),
+    "fashion-mnist": KnownDataset(
+        "fashion-mnist", "torchvision", 28, 1, ("train", "test"),
+        "Fashion-MNIST (Zalando Research): MIT licence",
+        "70,000 clothing images, 28x28 grayscale"),
+    "cifar10": KnownDataset(
+        "cifar10", "torchvision", 32, 3, ("train", "test"),
+        "CIFAR-10 (Krizhevsky 2009): no explicit licence; "
+        "cite 'Learning Multiple Layers of Features from Tiny Images'",
+        "60,000 small natural images, 32x32 RGB"),
+    "celeba": KnownDataset(
+        "celeba", "hub", 64, 3, ("train", "test"),
+        "CelebA Dataset Release Agreement: non-commercial research and educational use only",
+        "CelebA aligned faces (162,770 train / 19,962 test), DDIM crop, 64x64 RGB",
+        hub_repo=CELEBA_HUB_REPO, hub_splits={"train": "train", "test": "test"},
+        crops=("ddim", "center140"), high_res=True),
+    "celeba-hq": KnownDataset(
+        "celeba-hq", "hub", 64, 3, ("train", "test"),
+        "CelebA-HQ (Karras et al. 2018, from CelebA): non-commercial research use only "
+        "(CC BY-NC 4.0 / CelebA agreement)",
+        "30,000 high-quality faces (28,000 train / 2,000 test), resized to --size (default 64)",
+        hub_repo=CELEBA_HQ_HUB_REPO, hub_splits={"train": "train", "test": "validation"},
+        high_res=True),
+}
+
+
+def canonical(name: str) -> str | None:
+    n = name.strip().lower()
+    n = ALIASES.get(n, n)
+    return n if n in KNOWN else None
+
+
+def variant_name(kd: KnownDataset, size: int, crop: str | None) -> str:
+    """The prepared name: ``celeba`` at the default size and crop, else ``celeba-128``, ``celeba-64-center140``."""
+    name = kd.name
+    if size != kd.size or (crop and kd.crops and crop != kd.crops[0]):
+        name = f"{name}-{size}"
+    if crop and kd.crops and crop != kd.crops[0]:
+        name = f"{name}-{crop}"
+    return name
+
+
+def crop_fraction(crop: str) -> tuple[float, float, float, float]:
+    l, t, r, b = CELEBA_CROPS[crop]
+    w, h = CELEBA_SIZE
+    return (l / w, t / h, r / w, b / h)
+
+
+@contextlib.contextmanager
+def quiet():
+    """Silence torchvision's prints and progress bars (the library never prints)."""
+    sink = io.StringIO()
+    with contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+        yield
+
+
+def torchvision_arrays(kd: KnownDataset, raw: Path, split: str) -> np.ndarray:
+    """Download (if needed, MD5-checked by torchvision) and return uint8 (N, C, H, W) at native size."""
+    import torchvision.datasets as tvd
+
+    cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[kd.name]
+    retry = "check your connection and run the same command again"
+    try:
+        with quiet():
+            ds = cls(str(raw), train=(split == "train"), download=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise NetworkError(f"could not download {kd.name} with torchvision: {getattr(exc, 'reason', exc)}; "
+                           f"{retry}") from exc
+    except RuntimeError as exc:
+        msg = str(exc)
+        if "download" in msg.lower() or "not found" in msg.lower():
+            raise NetworkError(f"could not download {kd.name} with torchvision: {msg}; {retry}") from exc
+        raise DataError(f"torchvision could not read {kd.name} in {raw}: {msg}; delete that folder and retry") from exc
+    except OSError as exc:
+        raise NetworkError(f"could not download {kd.name} with torchvision: {exc}; {retry}") from exc
+    data = ds.data
+    arr = data.numpy() if hasattr(data, "numpy") else np.asarray(data)
+    if arr.dtype != np.uint8:
+        raise DataError(f"unexpected {kd.name} data type {arr.dtype} from torchvision")
+    if arr.ndim == 3:
+        arr = arr[:, None]
+    else:
+        arr = arr.transpose(0, 3, 1, 2)
+    return np.ascontiguousarray(arr)
+
+
+def torchvision_celeba_paths(raw: Path, split: str) -> list[Path]:
+    """Fallback for celeba: torchvision's CelebA (Google Drive; needs the `gdown` package)."""
+    import torchvision.datasets as tvd
+
+    try:
+        with quiet():
+            ds = tvd.CelebA(str(raw), split="valid" if split == "validation" else split, target_type=[],
+                            download=True)
+    except Exception as exc:  # gdown missing, quota exceeded, network down...
+        raise NetworkError(f"torchvision could not download CelebA: {str(exc).splitlines()[0] if str(exc) else exc}"
+                           ) from exc
+    folder = Path(ds.root) / ds.base_folder / "img_align_celeba"
+    return [folder / f for f in ds.filename]

@@ -1,0 +1,445 @@
+"""`download`: URLs served from 127.0.0.1, the Hub stubbed at huggingface_hub's functions, torchvision's
+MNIST format from files on disk. No test touches the internet."""
+
+from __future__ import annotations
+
+import hashlib
+import http.server
+import io
+import json
+import socket
+import struct
+import threading
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpmctl.data import download, list_prepared, load_images
+from ddpmctl.errors import DataError, DataNotFoundError, NetworkError, UsageError
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+class _Server:
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self.requests: list[str] = []
+        outer = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def __init__(self, *a, **kw):
+                super().__init__(*a, directory=str(directory), **kw)
+
+            def do_GET(self):
+                outer.requests.append(self.path)
+                super().do_GET()
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def server(tmp_path):
+    d = tmp_path / "served"
+    d.mkdir()
+    s = _Server(d)
+    yield s
+    s.close()
+
+
+def _png(rgb, size=20) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), rgb, np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _zip(path: Path, n=6) -> str:
+    with zipfile.ZipFile(path, "w") as zf:
+        for i in range(n):
+            zf.writestr(f"faces/{i:03d}.png", _png((40 * i % 256, 100, 200)))
+        zf.writestr("faces/LICENSE.txt", "CC0")
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def root(tmp_path) -> Path:
+    return tmp_path / "data-root"
+
+
+# ----------------------------------------------------------------------------- https (served over http on 127.0.0.1)
+
+
+def test_url_archive_downloaded_verified_prepared(server, root):
+    sha = _zip(server.dir / "faces.zip")
+    events = []
+    res = download(f"{server.url}/faces.zip", sha256=sha, name="faces", size=16, root=root, on_event=events.append)
+    assert not res.already_prepared and res.name == "faces"
+    info = json.loads((root / "faces" / "dataset.json").read_text())
+    assert info["source"] == f"{server.url}/faces.zip" and info["request"]["sha256"] == sha
+    assert info["counts"] == {"train": 6} and info["size"] == 16 and info["channels"] == 3
+    assert info["skipped"]["train"]["not an image file"]["count"] == 1
+    fname = info["files"]["train"]
+    assert info["sha256"][fname] == hashlib.sha256((root / "faces" / fname).read_bytes()).hexdigest()
+    assert {"format", "ddpmctl_version", "preprocessing", "licence", "created"} <= set(info)
+    stages = {e.get("stage") for e in events if e["event"] == "progress"}
+    assert {"download", "prepare"} <= stages
+    data = load_images("faces", image_size=16, channels=3, root=root)
+    assert data.images.shape == (6, 3, 16, 16)
+    # The same URL is also found by address.
+    assert load_images(f"{server.url}/faces.zip", image_size=16, channels=3, root=root).images.shape[0] == 6
+
+
+def test_second_download_does_nothing_and_keeps_files(server, root):
+    sha = _zip(server.dir / "faces.zip")
+    url = f"{server.url}/faces.zip"
+    first = download(url, sha256=sha, name="faces", size=16, root=root)
+    files = {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.path.iterdir()}
+    assert len(server.requests) == 1
+    events = []
+    again = download(url, sha256=sha, name="faces", size=16, root=root, on_event=events.append)
+    assert again.already_prepared and again.path == first.path
+    assert len(server.requests) == 1  # no network at all
+    assert {p.name: (p.stat().st_mtime_ns, p.read_bytes()) for p in again.path.iterdir()} == files
+    assert any("already prepared" in e.get("message", "") for e in events)
+
+
+def test_bad_checksum_removes_file_and_prepares_nothing(server, root):
+    _zip(server.dir / "faces.zip")
+    wrong = "0" * 64
+    with pytest.raises(DataError) as exc:
+        download(f"{server.url}/faces.zip", sha256=wrong, name="faces", root=root)
+    msg = str(exc.value)
+    actual = hashlib.sha256((server.dir / "faces.zip").read_bytes()).hexdigest()
+    assert "faces.zip" in msg and wrong in msg and actual in msg
+    leftovers = [p for p in root.rglob("*") if p.is_file()]
+    assert leftovers == []  # neither the download, nor its .part, nor a dataset
+    assert list_prepared(root) == []
+
+
+def test_http_error_is_network_error(server, root):
+    with pytest.raises(NetworkError, match=r"404.*run the same command again"):
+        download(f"{server.url}/missing.zip", sha256="a" * 64, name="x", root=root)
+
+
+def test_unreachable_host_is_network_error(root):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(NetworkError, match=f"127.0.0.1:{port}/x.zip"):
+        download(f"http://127.0.0.1:{port}/x.zip", sha256="a" * 64, name="x", root=root)
+
+
+def test_url_needs_sha256(root):
+    with pytest.raises(UsageError, match="--sha256 is required"):
+        download("https://example.org/x.zip", root=root)
+    with pytest.raises(DataNotFoundError, match="ddpmctl download https://example.org/x.zip --sha256"):
+        load_images("https://example.org/x.zip", image_size=8, channels=3, root=root)
+
+
+def test_url_with_sha256_fragment_loads_directly(server, root):
+    sha = _zip(server.dir / "faces.zip")
+    data = load_images(f"{server.url}/faces.zip#sha256={sha}", image_size=8, channels=1, root=root)
+    assert data.images.shape == (6, 1, 8, 8)
+    assert [d["name"] for d in list_prepared(root)] == ["faces"]
+
+
+def test_interrupted_preparation_leaves_nothing(server, root):
+    sha = _zip(server.dir / "faces.zip")
+
+    def interrupt(ev):
+        if ev["event"] == "progress" and ev.get("stage") == "prepare" and ev["done"] > 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        download(f"{server.url}/faces.zip", sha256=sha, name="faces", root=root, on_event=interrupt)
+    assert list_prepared(root) == []
+    assert not [p for p in root.iterdir() if p.name.startswith(".tmp")]
+    # The verified download stays cached: the retry needs no network.
+    res = download(f"{server.url}/faces.zip", sha256=sha, name="faces", root=root)
+    assert res.info["counts"] == {"train": 6} and len(server.requests) == 1
+
+
+def test_name_clash_with_other_source_needs_force(server, root, tmp_path):
+    sha = _zip(server.dir / "faces.zip")
+    download(f"{server.url}/faces.zip", sha256=sha, name="faces", size=8, root=root)
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(_png((1, 2, 3)))
+    with pytest.raises(UsageError, match="already exists.*--force"):
+        download(str(folder), name="faces", root=root)
+    res = download(str(folder), name="faces", root=root, size=8, force=True)
+    assert res.info["counts"] == {"train": 1}
+
+
+# ----------------------------------------------------------------- Hugging Face Hub (stubbed at huggingface_hub)
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _parquet(path: Path, images: list[bytes], column="image", hf_meta=True, struct_col=True):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if struct_col:
+        col = pa.array([{"bytes": b, "path": None} for b in images],
+                       type=pa.struct([("bytes", pa.binary()), ("path", pa.string())]))
+    else:
+        col = pa.array(images, type=pa.binary())
+    table = pa.table({"label": pa.array(list(range(len(images))), pa.int64()), column: col})
+    if hf_meta:
+        meta = {"info": {"features": {"label": {"dtype": "int64", "_type": "Value"}, column: {"_type": "Image"}}}}
+        table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
+    pq.write_table(table, path)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A fake Hub: repo -> {filename: local file}; records calls."""
+    import huggingface_hub
+
+    repos: dict[str, dict[str, Path]] = {}
+    calls = []
+    snap = tmp_path / "hub-cache"
+
+    def list_repo_files(repo_id, *, revision=None, repo_type=None, token=None):
+        calls.append(("list", repo_id, revision))
+        assert repo_type == "dataset"
+        if repo_id not in repos:
+            from huggingface_hub.utils import RepositoryNotFoundError
+
+            raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for url: {repo_id}",
+                                          response=_FakeResponse())
+        return sorted(repos[repo_id]) + [".gitattributes", "README.md"]
+
+    def hf_hub_download(repo_id, filename, *, repo_type=None, revision=None, cache_dir=None, tqdm_class=None):
+        calls.append(("get", repo_id, filename))
+        dest = snap / repo_id.replace("/", "--") / "snapshots" / COMMIT / filename
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(repos[repo_id][filename].read_bytes())
+        if tqdm_class is not None:  # exercise the progress bridge like the real function does
+            bar = tqdm_class(total=dest.stat().st_size, unit="B", unit_scale=True, desc=filename)
+            bar.update(dest.stat().st_size)
+            bar.close()
+        return str(dest)
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
+    return repos, calls
+
+
+class _FakeResponse:
+    status_code = 404
+    headers: dict = {}
+    url = "https://huggingface.co/api/datasets/x"
+    request = None
+
+    def json(self):
+        return {}
+
+
+def test_hf_parquet_dataset(hub, tmp_path, root):
+    repos, calls = hub
+    src = tmp_path / "src"
+    _parquet(src / "train.parquet", [_png((255, 0, 0)), _png((0, 255, 0)), b"not an image"])
+    _parquet(src / "test.parquet", [_png((0, 0, 255))])
+    repos["someone/colours"] = {"data/train-00000-of-00001.parquet": src / "train.parquet",
+                                "data/test-00000-of-00001.parquet": src / "test.parquet"}
+    events = []
+    res = download("hf://datasets/someone/colours", size=8, root=root, on_event=events.append)
+    info = res.info
+    assert res.name == "someone--colours"
+    assert info["counts"] == {"test": 1, "train": 2} and info["revision"] == COMMIT
+    assert info["image_column"] == "image" and info["source"] == "hf://datasets/someone/colours"
+    assert info["skipped"]["train"]["undecodable or truncated image"]["count"] == 1
+    assert any(e["event"] == "progress" and e.get("unit") == "bytes" for e in events)
+    data = load_images("hf://datasets/someone/colours", image_size=8, channels=3, root=root, allow_download=False)
+    assert data.images.shape == (2, 3, 8, 8) and data.images[0, 0].float().mean() > 240
+    # Already prepared: no Hub call at all.
+    n = len(calls)
+    assert download("hf://datasets/someone/colours", size=8, root=root).already_prepared
+    assert len(calls) == n
+
+
+def test_hf_split_column_and_binary_column(hub, tmp_path, root):
+    repos, _ = hub
+    _parquet(tmp_path / "p.parquet", [_png((9, 9, 9))] * 3, column="picture", hf_meta=False, struct_col=False)
+    repos["o/n"] = {"train/0000.parquet": tmp_path / "p.parquet", "test/0000.parquet": tmp_path / "p.parquet"}
+    res = download("hf://datasets/o/n@v1.0", split="test", size=8, root=root)
+    assert res.info["splits"] == ["test"] and res.info["image_column"] == "picture"
+    assert res.info["request"]["revision"] == "v1.0" and res.info["channels"] == 1  # grey pixels: auto -> 1
+    with pytest.raises(UsageError, match="--column 'nope'"):
+        download("hf://datasets/o/n", column="nope", name="other", root=root)
+    with pytest.raises(UsageError, match="no split 'validation'.*test, train"):
+        download("hf://datasets/o/n", split="validation", name="other", root=root)
+
+
+def test_hf_image_files_repo(hub, tmp_path, root):
+    repos, _ = hub
+    files = {}
+    for i, split in enumerate(["train", "train", "test"]):
+        p = tmp_path / f"{i}.png"
+        p.write_bytes(_png((i * 100, 50, 50)))
+        files[f"{split}/cat/{i}.png"] = p
+    repos["o/imgs"] = files
+    res = download("hf://datasets/o/imgs", size=8, root=root)
+    assert res.info["counts"] == {"test": 1, "train": 2} and res.info["hub_format"] == "images"
+
+
+def test_hf_missing_repo_and_offline(hub, root, monkeypatch):
+    with pytest.raises(DataNotFoundError, match="not found on the Hugging Face Hub"):
+        download("hf://datasets/nobody/nothing", root=root)
+    with pytest.raises(DataNotFoundError, match="ddpmctl download hf://datasets/o/x"):
+        load_images("hf://datasets/o/x", image_size=8, channels=3, root=root, allow_download=False)
+
+    import huggingface_hub
+
+    def offline(*a, **k):
+        raise ConnectionError("Connection refused")
+
+    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    with pytest.raises(NetworkError, match="could not fetch hf://datasets/o/x.*again"):
+        download("hf://datasets/o/x", root=root)
+
+
+def _celeba_like(n: int) -> list[bytes]:
+    """178x218 images: red, with the DDIM crop box (x 25..153, y 57..185) green."""
+    out = []
+    for i in range(n):
+        a = np.zeros((218, 178, 3), np.uint8)
+        a[..., 0] = 255
+        a[57:185, 25:153] = (0, 255, i)
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="JPEG", quality=95)
+        out.append(buf.getvalue())
+    return out
+
+
+def test_celeba_from_hub_mirror_with_ddim_crop(hub, tmp_path, root):
+    from ddpmctl.data.sources import CELEBA_HUB_REPO
+
+    repos, calls = hub
+    _parquet(tmp_path / "tr.parquet", _celeba_like(3))
+    _parquet(tmp_path / "te.parquet", _celeba_like(2))
+    repos[CELEBA_HUB_REPO] = {"img_align+identity+attr/train-00000-of-00001.parquet": tmp_path / "tr.parquet",
+                              "img_align+identity+attr/valid-00000-of-00001.parquet": tmp_path / "te.parquet",
+                              "img_align+identity+attr/test-00000-of-00001.parquet": tmp_path / "te.parquet"}
+    events = []
+    data = load_images("celeba", image_size=64, channels=3, root=root, on_event=events.append)
+    assert any(e["event"] == "download" for e in events)
+    assert data.images.shape == (3, 3, 64, 64)
+    x = data.images.float()
+    assert x[:, 1].mean() > 245 and x[:, 0].mean() < 10  # exactly the crop box: all green, no red border
+    info = data.info
+    assert info["counts"] == {"train": 3, "test": 2} and info["request"]["crop"] == "ddim"
+    assert info["preprocessing"]["crop_box_178x218"] == [25, 57, 153, 185]
+    assert "non-commercial" in info["licence"]
+    assert not any(c[0] == "get" and "valid-" in c[2] for c in calls)
+    # A different size is prepared as its own variant, not upscaled.
+    res = download("celeba", size=32, root=root)
+    assert res.name == "celeba-32" and res.info["size"] == 32
+
+
+def test_celeba_hub_down_and_torchvision_fails(hub, root, monkeypatch):
+    import torchvision.datasets
+
+    def no_gdrive(*a, **k):
+        raise RuntimeError("The daily quota of the file img_align_celeba.zip is exceeded")
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", no_gdrive)
+    with pytest.raises(NetworkError) as exc:
+        download("celeba", root=root)
+    assert "Hub" in str(exc.value) and "torchvision" in str(exc.value)
+    assert list_prepared(root) == []
+
+
+# ----------------------------------------------------------------------------- torchvision format (MNIST files on disk)
+
+
+def _idx_images(arr: np.ndarray) -> bytes:
+    return struct.pack(">IIII", 2051, arr.shape[0], arr.shape[1], arr.shape[2]) + arr.tobytes()
+
+
+def _idx_labels(n: int) -> bytes:
+    return struct.pack(">II", 2049, n) + bytes(n)
+
+
+def test_mnist_prepared_from_torchvision_files(root):
+    raw = root / ".cache" / "torchvision" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+    test = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    (raw / "train-images-idx3-ubyte").write_bytes(_idx_images(train))
+    (raw / "train-labels-idx1-ubyte").write_bytes(_idx_labels(12))
+    (raw / "t10k-images-idx3-ubyte").write_bytes(_idx_images(test))
+    (raw / "t10k-labels-idx1-ubyte").write_bytes(_idx_labels(5))
+    res = download("MNIST", root=root)
+    assert res.name == "mnist" and res.info["counts"] == {"train": 12, "test": 5}
+    assert res.info["size"] == 28 and res.info["channels"] == 1 and res.info["source"] == "torchvision:mnist"
+    d = load_images("mnist", image_size=28, channels=1, root=root, allow_download=False)
+    assert torch.equal(d.images[:, 0], torch.from_numpy(train))
+    assert torch.equal(load_images("mnist", image_size=28, channels=1, split="test", root=root).images[:, 0],
+                       torch.from_numpy(test))
+    assert download("mnist", root=root).already_prepared
+    # Resized variant: its own name, prepared at that size.
+    v = download("mnist", size=32, root=root)
+    assert v.name == "mnist-32" and v.info["size"] == 32
+    assert load_images("mnist", image_size=32, channels=1, root=root).info["path"].endswith("mnist-32")
+    # Tampering is detected on load.
+    f = root / "mnist" / "images_train.npy"
+    b = bytearray(f.read_bytes())
+    b[-1] ^= 0xFF
+    f.write_bytes(bytes(b))
+    with pytest.raises(DataError, match="checksum"):
+        load_images("mnist", image_size=28, channels=1, root=root)
+    assert not download("mnist", root=root).already_prepared  # fails verification: prepared again
+
+
+def test_known_dataset_errors(root):
+    with pytest.raises(UsageError, match="--crop applies to celeba only"):
+        download("cifar10", crop="ddim", root=root)
+    with pytest.raises(UsageError, match="--sha256 does not apply"):
+        download("mnist", sha256="a" * 64, root=root)
+    with pytest.raises(UsageError, match="1 channel"):
+        download("mnist", channels=3, root=root)
+    with pytest.raises(UsageError, match="built in"):
+        download("shapes", root=root)
+    with pytest.raises(DataNotFoundError, match="shapes.*mnist.*hf://"):
+        download("imagenet-1k", root=root)
+    with pytest.raises(UsageError, match="--size must be between"):
+        download("mnist", size=3, root=root)
+
+
+# ----------------------------------------------------------------------------- the CLI against the served archive
+
+
+def test_cli_downloads_served_archive(server, root, cli):
+    sha = _zip(server.dir / "faces.zip")
+    url = f"{server.url}/faces.zip"
+    r = cli("download", url, "--sha256", sha, "--name", "faces", "--size", "16", "--root", str(root), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["name"] == "faces" and out["counts"] == {"train": 6} and out["already_prepared"] is False
+    assert "prepare" in r.stderr and "skipped 1" in r.stderr
+    r = cli("download", url, "--sha256", sha, "--name", "faces", "--size", "16", "--root", str(root))
+    assert r.returncode == 0 and r.stdout.startswith("already prepared faces") and len(server.requests) == 1
+    r = cli("download", url, "--sha256", "f" * 64, "--name", "other", "--root", str(root))
+    assert r.returncode == 1 and "checksum mismatch" in r.stderr and r.stdout == ""
+    r = cli("download", f"{server.url}/nope.zip", "--sha256", sha, "--name", "n", "--root", str(root))
+    assert r.returncode == 1 and "HTTP 404" in r.stderr and "run the same command again" in r.stderr
