@@ -14,7 +14,7 @@ import sys
 from ddpmctl.cli.common import app, err_console
 
 # Subcommand modules, in the order `ddpmctl --help` lists them.
-COMMANDS = ["train", "resume", "sample", "grid", "download", "eval", "bench", "export", "hub_push"]
+COMMANDS = ["train", "resume", "sample", "grid", "download", "eval", "bench", "export", "hub_push", "demo"]
 
 
 def _register() -> None:
