@@ -10,7 +10,8 @@ from ddpmctl.images import read_image, save_png
 from ddpmctl.train import run
 
 TINY = ["--set", "model.base_channels=16", "--set", "model.groups=8", "--set", "model.head_channels=16",
-        "--set", "model.time_embed_dim=32", "--set", "sample.grid_size=4", "--set", "sample.steps=5"]
+        "--set", "model.time_embed_dim=32", "--set", "sample.grid_size=4", "--set", "sample.steps=5",
+        "--set", "diffusion.timesteps=100"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_sample_each_sampler(trained, cli, sampler, steps):
     assert r.returncode == 0, r.stderr
     meta = json.loads((__import__("pathlib").Path("imgs") / "samples.json").read_text())
     assert meta["sampler"] == sampler and meta["seeds"] == [0, 1, 2]
-    assert meta["network_evaluations"] == (1000 if sampler == "ddpm" else int(steps))
+    assert meta["network_evaluations"] == (100 if sampler == "ddpm" else int(steps))
     imgs = [read_image(__import__("pathlib").Path("imgs") / f"{i:06d}.png") for i in range(3)]
     assert all(i.shape == (3, 32, 32) for i in imgs)
 

@@ -4,14 +4,20 @@
       spec.json             the resolved RunSpec
       metrics.jsonl         one JSON object per logged step
       samples/epoch_0005.png, samples/index.json
+      .lock                 PID of the process training the run, while it runs (ddpmctl.lock)
       checkpoints/
         step_00001000/      model.safetensors ema.safetensors optim.safetensors rng.safetensors
                             state.json manifest.json (SHA-256 of every other file)
+        epoch_0010/         milestone at a sample epoch: ema.safetensors state.json manifest.json
         NEWEST              name of the newest complete checkpoint, written last
 
 A checkpoint is written into a temporary directory, every file fsynced, the directory renamed
 into place, and only then is NEWEST replaced (atomically). A crash at any moment leaves either the
 old or the new checkpoint as the newest, never a half-written one. Nothing here unpickles.
+
+Test hook (documented in docs/reliability.md): ``DDPMCTL_FAULT=write:STEP`` SIGKILLs the process
+after the first file of checkpoint STEP is written (unpublished temporary directory), and
+``DDPMCTL_FAULT=publish:STEP`` after it is renamed into place but before NEWEST names it.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -33,6 +41,8 @@ from ddpmctl.errors import CheckpointError, RunDirError
 CKPT_DIR = "checkpoints"
 NEWEST = "NEWEST"
 TENSOR_FILES = ("model", "ema", "optim", "rng")
+STEP_RE = re.compile(r"^step_\d{8,}$")
+MILESTONE_RE = re.compile(r"^epoch_\d{4,}$")
 
 
 # ---------------------------------------------------------------- atomic files
@@ -97,9 +107,15 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Te
 
 
 def optimizer_from_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Load what optimizer_to_tensors wrote. Moments take their parameter's memory layout (e.g.
+    channels_last): safetensors stores them contiguous, and fused AdamW needs matching layouts."""
+    params = [p for g in opt.param_groups for p in g["params"]]
     state: dict[int, dict] = {}
     for key, v in tensors.items():
         idx, _, name = key.partition(".")
+        p = params[int(idx)] if int(idx) < len(params) else None
+        if p is not None and v.shape == p.shape and v.dim() > 1:
+            v = torch.empty_like(p, dtype=v.dtype, device=v.device).copy_(v)
         state.setdefault(int(idx), {})[name] = v
     for idx, st in meta.get("scalars", {}).items():
         state.setdefault(int(idx), {}).update(st)
@@ -127,20 +143,22 @@ def checkpoint_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def save_checkpoint(
-    run_dir: Path,
-    step: int,
-    tensors: dict[str, dict[str, torch.Tensor]],
-    state: dict,
-    keep_last: int = 3,
-    before_publish: Callable[[Path], None] | None = None,
-) -> Path:
-    """Write checkpoints/step_N atomically, then point NEWEST at it, then prune old ones."""
-    ckdir = Path(run_dir) / CKPT_DIR
-    ckdir.mkdir(parents=True, exist_ok=True)
-    name = checkpoint_name(step)
+def milestone_name(epoch: int) -> str:
+    return f"epoch_{epoch:04d}"
+
+
+def _fault(phase: str, step: int) -> None:
+    """Test hook: DDPMCTL_FAULT=PHASE:STEP SIGKILLs this process at PHASE of writing checkpoint STEP."""
+    if os.environ.get("DDPMCTL_FAULT") == f"{phase}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_dir(ckdir: Path, name: str, step: int, tensors: dict[str, dict[str, torch.Tensor]], state: dict,
+               before_publish: Callable[[Path], None] | None = None, fault: bool = False) -> Path:
+    """Write ckdir/name atomically: temporary directory, fsync every file, manifest last, rename."""
     final = ckdir / name
     tmp = ckdir / f".tmp-{name}-{os.getpid()}"
+    old = ckdir / f".tmp-old-{name}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -152,6 +170,8 @@ def save_checkpoint(
             save_file({k: v.detach().contiguous().cpu() for k, v in tdict.items()}, str(p), metadata=meta)
             _fsync_file(p)
             files[p.name] = sha256_file(p)
+            if fault:
+                _fault("write", step)
         st = dict(state, step=step, ddpmctl=__version__)
         (tmp / "state.json").write_text(json.dumps(st, indent=1))
         _fsync_file(tmp / "state.json")
@@ -161,39 +181,139 @@ def save_checkpoint(
         _fsync_dir(tmp)
         if before_publish is not None:  # fault-injection hook for tests of crash safety
             before_publish(tmp)
-        if final.exists():  # same step saved twice (e.g. epoch end == step checkpoint)
-            shutil.rmtree(final)
+        if final.exists():  # the same step written again (a replay after a crash or a rollback)
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(ckdir)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write_text(ckdir / NEWEST, name + "\n")
+        for leftover in (tmp, old):
+            if leftover.exists():
+                shutil.rmtree(leftover, ignore_errors=True)
+    return final
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    tensors: dict[str, dict[str, torch.Tensor]],
+    state: dict,
+    keep_last: int = 3,
+    before_publish: Callable[[Path], None] | None = None,
+) -> Path:
+    """Write checkpoints/step_N atomically, then point NEWEST at it, then prune old ones.
+
+    A failure to write (a full disk, a vanished directory) is a CheckpointError naming the newest
+    checkpoint that is still intact.
+    """
+    ckdir = Path(run_dir) / CKPT_DIR
+    name = checkpoint_name(step)
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        final = _write_dir(ckdir, name, step, tensors, state, before_publish, fault=True)
+        _fault("publish", step)
+        atomic_write_text(ckdir / NEWEST, name + "\n")
+    except OSError as exc:
+        pointer = ckdir / NEWEST
+        intact = pointer.read_text().strip() if pointer.is_file() else "none"
+        raise CheckpointError(f"could not write checkpoint {name} in {ckdir}: {exc.strerror or exc}; "
+                              f"the newest complete checkpoint is still {intact}") from None
     _prune(ckdir, keep_last, protect=name)
     return final
 
 
+def save_milestone(run_dir: Path, epoch: int, step: int, ema: dict[str, torch.Tensor], state: dict) -> Path:
+    """The EMA weights at a sample epoch, kept for good: checkpoints/epoch_NNNN (never pruned)."""
+    ckdir = Path(run_dir) / CKPT_DIR
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        return _write_dir(ckdir, milestone_name(epoch), step, {"ema": ema}, dict(state, epoch=epoch))
+    except OSError as exc:
+        raise CheckpointError(f"could not write milestone {milestone_name(epoch)} in {ckdir}: "
+                              f"{exc.strerror or exc}") from None
+
+
+def milestones(run_dir: Path) -> list[Path]:
+    """Milestone directories (EMA weights at sample epochs), oldest first."""
+    ckdir = Path(run_dir) / CKPT_DIR
+    if not ckdir.is_dir():
+        return []
+    return sorted(p for p in ckdir.iterdir() if p.is_dir() and MILESTONE_RE.match(p.name))
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    """Whether any step checkpoint was ever published here (valid or not)."""
+    ckdir = Path(run_dir) / CKPT_DIR
+    return ckdir.is_dir() and bool(_step_dirs(ckdir))
+
+
+def discard_after(run_dir: Path, ckpt: "Checkpoint") -> list[str]:
+    """Make `ckpt` the newest: point NEWEST at it, then delete every later step checkpoint and
+    milestone (a diverged trajectory after a rollback, broken or orphaned ones after a crash).
+    Returns the names removed."""
+    ckdir = Path(run_dir) / CKPT_DIR
+    pointer = ckdir / NEWEST
+    if not pointer.is_file() or pointer.read_text().strip() != ckpt.path.name:
+        atomic_write_text(pointer, ckpt.path.name + "\n")
+    removed = []
+    for p in _step_dirs(ckdir) + milestones(run_dir):
+        if p.name == ckpt.path.name:
+            continue
+        step = _step_of(p)
+        if step is None or step > ckpt.step:
+            trash = ckdir / f".tmp-discard-{p.name}-{os.getpid()}"
+            os.replace(p, trash)  # atomic: a half-deleted directory never looks like a checkpoint
+            shutil.rmtree(trash, ignore_errors=True)
+            removed.append(p.name)
+    if removed:
+        _fsync_dir(ckdir)
+    return removed
+
+
+def _step_of(path: Path) -> int | None:
+    if STEP_RE.match(path.name):
+        return int(path.name.split("_")[1])
+    try:
+        return int(json.loads((path / "state.json").read_text())["step"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _step_dirs(ckdir: Path) -> list[Path]:
-    return sorted((p for p in ckdir.glob("step_*") if p.is_dir()), key=lambda p: p.name, reverse=True)
+    return sorted((p for p in ckdir.glob("step_*") if p.is_dir() and STEP_RE.match(p.name)),
+                  key=lambda p: int(p.name.split("_")[1]), reverse=True)
 
 
 def _prune(ckdir: Path, keep_last: int, protect: str) -> None:
+    """Keep the newest `keep_last` step checkpoints (milestones are never pruned)."""
     for p in _step_dirs(ckdir)[keep_last:]:
         if p.name != protect:
-            shutil.rmtree(p, ignore_errors=True)
+            trash = ckdir / f".tmp-prune-{p.name}-{os.getpid()}"
+            try:
+                os.replace(p, trash)  # atomic, so a crash mid-delete leaves no half checkpoint
+            except OSError:
+                continue
+            shutil.rmtree(trash, ignore_errors=True)
     for p in ckdir.glob(".tmp-*"):  # leftovers of a crashed writer
         if not p.name.endswith(f"-{os.getpid()}"):
             shutil.rmtree(p, ignore_errors=True)
 
 
-def verify(path: Path) -> dict:
-    """Check the manifest's SHA-256 of every file; return state.json. Raises CheckpointError."""
+def verify(path: Path, required: tuple[str, ...] = ()) -> dict:
+    """Check the manifest's SHA-256 of every file; return state.json. Raises CheckpointError.
+
+    `required` names tensor files (e.g. "model") that the manifest must list."""
     man = path / "manifest.json"
+    if not path.is_dir():
+        raise CheckpointError(f"{path.name}: missing")
     try:
         manifest = json.loads(man.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+        listed = dict(manifest["files"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path.name}: manifest unreadable ({exc.__class__.__name__})") from None
-    for fname, digest in manifest.get("files", {}).items():
+    for fname in ("state.json", *(f"{r}.safetensors" for r in required)):
+        if fname not in listed:
+            raise CheckpointError(f"{path.name}: manifest does not list {fname}")
+    for fname, digest in listed.items():
         f = path / fname
         if not f.exists():
             raise CheckpointError(f"{path.name}: {fname} is missing")
@@ -205,18 +325,27 @@ def verify(path: Path) -> dict:
         raise CheckpointError(f"{path.name}: state.json unreadable ({exc})") from None
 
 
-def find_newest(run_dir: Path, on_warning: Callable[[str], None] | None = None) -> Checkpoint:
-    """The newest checkpoint that verifies; a broken newer one is reported and skipped."""
+def find_newest(run_dir: Path, on_warning: Callable[[str], None] | None = None,
+                before_step: int | None = None) -> Checkpoint:
+    """The newest checkpoint that verifies; a broken newer one is reported and skipped.
+
+    NEWEST is tried first (a checkpoint renamed into place whose NEWEST update never happened is
+    newer than NEWEST but was never published). `before_step`: only checkpoints with a smaller step.
+    """
     ckdir = Path(run_dir) / CKPT_DIR
     candidates = _step_dirs(ckdir) if ckdir.is_dir() else []
     pointer = ckdir / NEWEST
-    if pointer.exists():
-        named = ckdir / pointer.read_text().strip()
-        candidates = [named] + [c for c in candidates if c != named]
+    if pointer.is_file():
+        name = pointer.read_text().strip()
+        if STEP_RE.match(name):
+            named = ckdir / name
+            candidates = [named] + [c for c in candidates if c != named]
+    if before_step is not None:
+        candidates = [c for c in candidates if int(c.name.split("_")[1]) < before_step]
     problems = []
     for c in candidates:
         try:
-            state = verify(c)
+            state = verify(c, required=TENSOR_FILES)
         except CheckpointError as exc:
             problems.append(str(exc))
             if on_warning:
@@ -224,7 +353,8 @@ def find_newest(run_dir: Path, on_warning: Callable[[str], None] | None = None) 
             continue
         return Checkpoint(c, state)
     detail = f" ({'; '.join(problems)})" if problems else ""
-    raise CheckpointError(f"no valid checkpoint in {ckdir}{detail}")
+    where = f" before step {before_step}" if before_step is not None else ""
+    raise CheckpointError(f"no valid checkpoint{where} in {ckdir}{detail}")
 
 
 # ---------------------------------------------------------------- run dirs

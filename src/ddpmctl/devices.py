@@ -88,5 +88,7 @@ def set_fast_math(device: torch.device, deterministic: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic
         torch.backends.cudnn.benchmark = not deterministic
-    if deterministic:
+    # CPU kernels are deterministic already; the switch matters on GPUs (and importing it costs
+    # 1-3 s of dynamo start-up, so it is skipped where it changes nothing).
+    if deterministic and device.type != "cpu":
         torch.use_deterministic_algorithms(True, warn_only=True)

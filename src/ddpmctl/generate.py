@@ -67,17 +67,43 @@ def generate(
     sampler: str = "ddim",
     steps: int | None = None,
     eta: float = 0.0,
-    batch_size: int = 64,
+    batch_size: int | None = None,
     device: torch.device,
     precision: Precision | None = None,
     variance: str = "beta_tilde",
     callback_factory: Callable[[int], Callable | None] | None = None,
+    compile: str | bool | None = None,
+    cuda_graph: bool | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> Iterator[tuple[int, torch.Tensor, int]]:
-    """Yield (first_index, uint8 images (B, C, H, W), network evaluations) batch by batch."""
+    """Yield (first_index, uint8 images (B, C, H, W), network evaluations) batch by batch.
+
+    The network runs through :func:`ddpmctl.step.make_sample_fn`: on CUDA bf16 weights (with bf16
+    precision), channels_last and one CUDA graph replay per evaluation (``cuda_graph``, default on),
+    compiled when ``compile`` says so (None = auto: on CUDA and the CPU when the call does at least
+    :data:`COMPILE_MIN_IMAGE_STEPS` image-steps, where compilation pays for itself; a failed
+    compilation falls back to eager with a warning). ``batch_size``
+    None picks one from free device memory. Image i depends only on seeds[i] whatever the batching.
+    """
+    from ddpmctl.devices import set_fast_math
+    from ddpmctl.step import auto_sample_batch_size, make_sample_fn
+
     s = den.spec
+    if torch.device(device).type == "cuda" and not torch.are_deterministic_algorithms_enabled():
+        set_fast_math(torch.device(device), deterministic=False)  # cuDNN autotuning, TF32 for fp32
     schedule = Schedule.create(s.diffusion.schedule, s.diffusion.timesteps).to(device)
     shape = (s.model.channels, s.model.image_size, s.model.image_size)
-    fn = model_fn_for(den.model, precision, device)
+    if batch_size is None:
+        batch_size = auto_sample_batch_size(den.model, shape, device, len(seeds), precision)
+    if compile is None or compile == "auto":
+        nfe = s.diffusion.timesteps if sampler == "ddpm" else (steps or default_steps(sampler, s.diffusion.timesteps))
+        compile = torch.device(device).type in ("cuda", "cpu") and len(seeds) * nfe >= COMPILE_MIN_IMAGE_STEPS
+
+    def emit(event: dict) -> None:
+        if on_warning is not None and event.get("event") == "warning":
+            on_warning(event["message"])
+
+    fn = make_sample_fn(den.model, precision, device, compile=compile, cuda_graph=cuda_graph, emit=emit)
     for start in range(0, len(seeds), batch_size):
         batch_seeds = list(seeds[start : start + batch_size])
         gens = per_image_generators(batch_seeds, device)
@@ -86,6 +112,12 @@ def generate(
         x0, nfe = sample(sampler, fn, schedule, x_T, gens, steps=steps, eta=eta,
                          prediction=s.diffusion.prediction, variance=variance, callback=cb)
         yield start, to_uint8(x0), nfe
+
+
+# Below this many (images x network evaluations) a sampling call runs uncompiled: compiling the
+# network takes tens of seconds on a GPU machine, minutes on a small CPU (less with a warm inductor
+# cache), and saves about a third of each step (CPU, mnist preset: docs/performance.md).
+COMPILE_MIN_IMAGE_STEPS = 200_000
 
 
 def load_source(source: str | Path | None, *, use_ema: bool = True, device: torch.device | str = "cpu",

@@ -82,6 +82,7 @@ class OptimSpec(_Section):
     grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this value.")
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay (reached after warm-up).")
     ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+n)/(10+n)) so short runs get a useful EMA.")
+    lr_backoff: float = Field(0.5, gt=0, le=1.0, description="Learning-rate factor applied at each NaN rollback.")
 
 
 class TrainSpec(_Section):
@@ -93,6 +94,11 @@ class TrainSpec(_Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     checkpoint_every: int = Field(1000, ge=1, description="Write a checkpoint every N steps (and at each epoch end).")
     keep_last: int = Field(3, ge=1, le=1000, description="Step checkpoints kept (epoch milestones are kept too).")
+    milestones: bool = Field(True, description="Keep the EMA weights at every sample epoch (checkpoints/epoch_N).")
+    rollback_after: int = Field(10, ge=0, le=100000, description="Roll back to the last good checkpoint after this "
+                                "many non-finite steps in a row (0: never, only skip them).")
+    max_rollbacks: int = Field(3, ge=0, le=1000, description="Stop with an error at the next divergence after this "
+                               "many rollbacks.")
     sample_every: int = Field(10, ge=1, description="Save a fixed-seed sample grid every N epochs (and at the end).")
     log_every: int = Field(50, ge=1, description="Read metrics from the device and log every N steps.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile: auto = on for CUDA.")
@@ -217,6 +223,10 @@ def _deep_merge(base: dict, over: dict) -> dict:
 
 def validate(data: dict) -> RunSpec:
     """Build a RunSpec, turning pydantic errors into one SpecError a user can act on."""
+    version = data.get("version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > SPEC_VERSION:  # before field checks: newer specs have new fields
+        raise SpecError(f"spec version {version} was written by a newer ddpmctl (this is {__version__}, "
+                        f"spec version {SPEC_VERSION}); upgrade ddpmctl")
     try:
         return RunSpec.model_validate(data)
     except ValidationError as exc:

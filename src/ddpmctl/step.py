@@ -1,16 +1,37 @@
-"""One optimisation step, shared by the training loop and `ddpmctl bench`."""
+"""The hot paths, shared by training, sampling and `ddpmctl bench`, so bench measures what runs.
+
+* :func:`make_train_step`: one optimisation step with no host-device sync.
+* :func:`setup_training`: model, optimizer, EMA, compiled forward and step, as training builds them.
+* :func:`maybe_compile`: torch.compile with an eager fallback that says why.
+* :func:`make_sample_fn`: the network as samplers call it: bf16 weights, channels_last, compiled
+  and captured in a CUDA graph on CUDA; plain fp32 on the CPU.
+"""
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from torch import nn
 
 from ddpmctl.diffusion import Schedule, training_loss
 from ddpmctl.ema import EMA
 from ddpmctl.spec import RunSpec
 
 Event = Callable[[dict], None]
+
+
+def _ignore(_event: dict) -> None:
+    pass
+
+
+def uses_channels_last(device: torch.device) -> bool:
+    """channels_last (NHWC) memory on CUDA: cuDNN's bf16 tensor-core convolutions and the compiled
+    GroupNorm kernels work in NHWC, and the attention's token view is then free. On the CPU,
+    oneDNN is as fast either way for these sizes, so the CPU keeps the default layout."""
+    return torch.device(device).type == "cuda"
 
 
 def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: RunSpec, precision, device,
@@ -23,7 +44,7 @@ def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: Run
     """
     op, prediction = spec.optim, spec.diffusion.prediction
     params = [p for p in model.parameters() if p.requires_grad]
-    channels_last = device.type == "cuda"
+    channels_last = uses_channels_last(device)
 
     def step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float):
         if channels_last:
@@ -53,15 +74,216 @@ def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: Run
     return step
 
 
+def compile_wanted(mode: str | bool | None, device: torch.device) -> bool:
+    """auto (or None): on for CUDA; on/True and off/False as said."""
+    if isinstance(mode, bool):
+        return mode
+    if mode in (None, "auto"):
+        return torch.device(device).type == "cuda"
+    return mode == "on"
+
+
+class _CompiledOrEager:
+    """Calls the torch.compile'd function; if compiling fails (it happens lazily, at the first call),
+    reports why once and runs the eager function from then on."""
+
+    def __init__(self, eager: Callable, emit: Event, what: str, **compile_kwargs):
+        self.eager = eager
+        self.emit = emit
+        self.what = what
+        self.compiled: Callable | None = torch.compile(eager, **compile_kwargs)
+        self.failed: str | None = None
+
+    def __call__(self, *args, **kwargs):
+        if self.compiled is not None:
+            try:
+                return self.compiled(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                self.compiled = None
+                self.failed = f"{exc.__class__.__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                self.emit({"event": "warning", "message": f"torch.compile failed ({self.failed[:300]}); "
+                                                         f"{self.what} without compilation"})
+        return self.eager(*args, **kwargs)
+
+
 def maybe_compile(model, mode: str, device: torch.device, emit: Event):
-    want = mode == "on" or (mode == "auto" and device.type == "cuda")
-    if not want:
+    """``model`` itself (eager) or a compiled callable that falls back to ``model`` if compiling fails.
+
+    GroupNorm + scale/shift + SiLU (and the rest of each block's elementwise work) become one fused
+    kernel per block under inductor, which is most of the win on CUDA.
+    """
+    if not compile_wanted(mode, device):
         return model
     try:
-        return torch.compile(model)
-    except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+        return _CompiledOrEager(model, emit, "training")
+    except Exception as exc:  # noqa: BLE001 - torch.compile itself unavailable
         emit({"event": "warning", "message": f"torch.compile unavailable ({exc.__class__.__name__}: {exc}); "
                                              "training without compilation"})
         return model
 
 
+@dataclass
+class Training:
+    """What one training step needs, built the way the training loop builds it."""
+
+    model: nn.Module
+    forward: Callable
+    opt: torch.optim.Optimizer
+    ema: EMA
+    scaler: torch.amp.GradScaler | None
+    schedule: Schedule
+    step: Callable
+
+
+def setup_training(spec: RunSpec, device: torch.device, precision, emit: Event = _ignore,
+                   compile_mode: str | bool | None = None) -> Training:
+    """Model (channels_last on CUDA), fused AdamW, EMA, optional compile and the train step.
+
+    ``compile_mode`` defaults to ``spec.train.compile``. Seeds are the caller's business.
+    """
+    op = spec.optim
+    model = build_model(spec, device)
+    schedule = Schedule.create(spec.diffusion.schedule, spec.diffusion.timesteps).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=op.lr, betas=(op.beta1, op.beta2),
+                            weight_decay=op.weight_decay, fused=device.type in ("cuda", "cpu"))
+    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
+    ema = EMA(model, op.ema_decay, op.ema_warmup)
+    forward = maybe_compile(model, spec.train.compile if compile_mode is None else compile_mode, device, emit)
+    step = make_train_step(forward, model, opt, ema, schedule, spec, precision, device, scaler)
+    return Training(model, forward, opt, ema, scaler, schedule, step)
+
+
+def build_model(spec: RunSpec, device: torch.device) -> nn.Module:
+    from ddpmctl.unet import build
+
+    model = build(spec.model).to(device)
+    if uses_channels_last(device):
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampling
+# ------------------------------------------------------------------------------------------------
+
+
+class _Graphed:
+    """Replays a CUDA graph of ``fn`` per input shape: one launch per network evaluation.
+
+    Inputs are copied into static buffers, the output is cloned out, so callers see an ordinary
+    function. Graphs share one memory pool. If capture fails, says why once and calls ``fn``.
+    """
+
+    def __init__(self, fn: Callable, emit: Event):
+        self.fn = fn
+        self.emit = emit
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
+        self.failed: str | None = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if self.failed is not None:
+            return self.fn(x, t)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device)
+        entry = self.graphs.get(key)
+        if entry is None:
+            try:
+                entry = self._capture(x, t)
+            except Exception as exc:  # noqa: BLE001 - fall back to plain calls
+                self.failed = f"{exc.__class__.__name__}: {exc}"
+                self.graphs.clear()
+                self.emit({"event": "warning", "message": f"CUDA graph capture failed ({self.failed[:300]}); "
+                                                         "sampling without graphs"})
+                return self.fn(x, t)
+            self.graphs[key] = entry
+        graph, sx, st, out = entry
+        sx.copy_(x)
+        st.copy_(t)
+        graph.replay()
+        return out.clone()
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor):
+        sx, st = x.clone(), t.clone()
+        side = torch.cuda.Stream(device=x.device)
+        side.wait_stream(torch.cuda.current_stream(x.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):  # warm-up: compilation, cuDNN autotuning, lazy initialisation
+                self.fn(sx, st)
+        torch.cuda.current_stream(x.device).wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(sx, st)
+        return graph, sx, st, out
+
+
+def make_sample_fn(model: nn.Module, precision, device: torch.device, *, compile: str | bool | None = False,
+                   cuda_graph: bool | None = None, emit: Event = _ignore) -> Callable:
+    """(x_t, t) -> float32 prediction, the fast way for ``device``; ``model`` is left untouched.
+
+    CUDA: a copy of the weights in bf16 (when ``precision`` is bf16: no per-call weight casts; fp16
+    keeps autocast), channels_last, optionally torch.compile'd (``compile``: auto/on/off or bool;
+    auto = on for CUDA), and captured in a CUDA graph (``cuda_graph``, default on for CUDA).
+    Elsewhere: the model under autocast when asked, else as is (fp32).
+    """
+    device = torch.device(device)
+    dtype = getattr(precision, "autocast_dtype", None)
+    net = model
+    if device.type == "cuda":
+        net = copy.deepcopy(model).eval()
+        if dtype == torch.bfloat16:
+            net = net.to(dtype=torch.bfloat16)
+        net = net.to(memory_format=torch.channels_last)
+    weight_dtype = next(net.parameters()).dtype
+    autocast = dtype is not None and weight_dtype != dtype
+
+    def eager(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        if device.type == "cuda":
+            x = x.to(dtype=weight_dtype).contiguous(memory_format=torch.channels_last)
+        if autocast:
+            with precision.autocast(device):
+                return net(x, t).float()
+        return net(x, t).float()
+
+    fn: Callable = eager
+    if compile_wanted(compile, device):
+        # On the CPU, freezing (weights folded in as constants, convolutions prepacked for oneDNN)
+        # is most of the gain; the weights never change while sampling.
+        options = {"freezing": True} if device.type == "cpu" else None
+        try:
+            fn = _CompiledOrEager(eager, emit, "sampling", dynamic=False, options=options)
+        except Exception as exc:  # noqa: BLE001
+            emit({"event": "warning", "message": f"torch.compile unavailable ({exc}); sampling without compilation"})
+    if device.type == "cuda" and (cuda_graph is None or cuda_graph):
+        fn = _Graphed(fn, emit)
+    return fn
+
+
+def auto_sample_batch_size(model: nn.Module, shape: tuple[int, ...], device: torch.device, n: int,
+                           precision=None, cap: int = 1024) -> int:
+    """Images per sampling batch when none is given: on CUDA, as many as half the free memory holds
+    (activation memory per image measured with one small batch), capped at ``cap`` and ``n``; 64
+    elsewhere (CPU batches gain little past that)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return max(1, min(64, n))
+    probe = 8
+    fn = make_sample_fn(model, precision, device, compile=False, cuda_graph=False)
+    x = torch.randn((probe, *shape), device=device)
+    t = torch.zeros(probe, dtype=torch.long, device=device)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    with torch.no_grad():
+        fn(x, t)
+    torch.cuda.synchronize(device)
+    per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe)
+    free, _total = torch.cuda.mem_get_info(device)
+    fit = int(0.5 * free // per_image)
+    batch = max(1, min(cap, n, fit))
+    if batch >= 16:
+        batch -= batch % 16  # friendlier shapes for the kernels
+    return batch

@@ -1,13 +1,23 @@
 """The training loop. Read it top to bottom: setup, then one loop in commented phases
-(data, forward/backward, update, EMA, log, sample, checkpoint, stop).
+(data, forward/backward, update, EMA, log + divergence guard, sample, checkpoint, stop).
 
 The library never prints: everything the user sees goes through ``on_event(dict)``.
+
+Reliability (docs/reliability.md): every piece of state that the next step depends on is in a
+checkpoint (model, EMA, optimizer, grad scaler, counters, the device-side metric window, every RNG
+stream; the data order is a function of (seed, epoch, index)), so in deterministic mode a run
+resumed after a crash is bitwise identical to one never interrupted. Non-finite steps are skipped
+on the device; a streak of them rolls back to the last good checkpoint with a smaller learning rate.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,8 +30,9 @@ from ddpmctl import spec as specmod
 from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
 from ddpmctl.diffusion import Schedule
 from ddpmctl.ema import EMA
-from ddpmctl.errors import DdpmctlError, UsageError
+from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
+from ddpmctl.lock import RunLock
 from ddpmctl.spec import RunSpec
 from ddpmctl.step import make_train_step, maybe_compile
 from ddpmctl.unet import build, count_parameters
@@ -32,14 +43,14 @@ GRID_PADDING = 2
 
 
 class Interrupted(DdpmctlError):
-    """Training stopped on a signal after writing a checkpoint."""
+    """Training stopped on a signal, after writing a checkpoint of the step it had finished."""
 
-    def __init__(self, signum: int, run_dir: Path, step: int):
-        import signal
-
-        name = signal.Signals(signum).name
+    def __init__(self, signum: int, run_dir: Path, step: int, checkpoint: Path | None):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
         self.exit_code = 128 + signum
-        super().__init__(f"{name} at step {step}: checkpoint written; continue with `ddpmctl resume {run_dir}`")
+        saved = f"checkpoint {checkpoint.name} written" if checkpoint else "no step taken, nothing new to save"
+        super().__init__(f"{signal.Signals(signum).name} at step {step}: {saved}; "
+                         f"continue with `ddpmctl resume {run_dir}`")
 
 
 @dataclass
@@ -62,6 +73,8 @@ class TrainResult:
     checkpoint: str | None
     skipped_steps: int = 0
     samples: list[str] = field(default_factory=list)
+    rollbacks: int = 0
+    lr_scale: float = 1.0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,6 +92,9 @@ def make_run_dir(spec: RunSpec, out: Path | None, root: Path = Path("runs")) -> 
         out = Path(out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} is a file; give a directory for the run")
+        blocked = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise UsageError(f"--out {out}: cannot create the run directory, {blocked} is a file")
         if out.is_dir() and any(out.iterdir()):
             if (out / "spec.json").exists():
                 raise UsageError(f"--out {out} already holds a run; continue it with `ddpmctl resume {out}`")
@@ -100,6 +116,66 @@ def _noise_generator(device: torch.device, seed: int) -> torch.Generator:
     return g
 
 
+@dataclass
+class Counters:
+    """Host-side training state; all of it goes into state.json."""
+
+    step: int = 0
+    images_seen: int = 0
+    skipped: int = 0  # non-finite steps skipped, whole run (abandoned trajectories included)
+    rollbacks: int = 0
+    lr_scale: float = 1.0  # multiplied by optim.lr_backoff at each rollback
+    last_loss: float | None = None
+    window_steps: int = 0  # steps since the last log record
+    metrics_bytes: int = 0  # length of metrics.jsonl after the last record
+    retreat: tuple[int, int] | None = None  # (step rolled back to, step that tripped) until past that trip
+
+
+class DeviceStats:
+    """The metric window and the non-finite streak, accumulated on the device so a step never syncs.
+
+    `streak` counts non-finite steps in a row; `trip` is the step at which a streak first reached
+    `rollback_after` (-1: none). Both are read at log points only.
+    """
+
+    def __init__(self, device: torch.device, rollback_after: int):
+        self.rollback_after = rollback_after
+        self.loss_sum = torch.zeros((), device=device)
+        self.gnorm_sum = torch.zeros((), device=device)
+        self.bad = torch.zeros((), device=device)
+        self.streak = torch.zeros((), dtype=torch.long, device=device)
+        self.trip = torch.full((), -1, dtype=torch.long, device=device)
+
+    def update(self, loss: torch.Tensor, gnorm: torch.Tensor, finite: torch.Tensor, step: int) -> None:
+        self.loss_sum += torch.where(finite, loss.detach().float(), 0.0)
+        self.gnorm_sum += torch.where(finite, gnorm.detach().float(), 0.0)
+        self.bad += (~finite).float()
+        self.streak.add_(1).mul_(~finite)
+        if self.rollback_after:
+            tripped = (self.trip < 0) & (self.streak >= self.rollback_after)
+            self.trip.copy_(torch.where(tripped, step, self.trip))
+
+    def read(self) -> tuple[float, float, int, int, int]:
+        """(loss_sum, gnorm_sum, bad, streak, trip) in one host-device sync (two after a trip)."""
+        loss_sum, gnorm_sum, bad, streak, tripped = torch.stack(
+            [self.loss_sum, self.gnorm_sum, self.bad, self.streak.float(), (self.trip >= 0).float()]).tolist()
+        return loss_sum, gnorm_sum, int(bad), int(streak), int(self.trip.item()) if tripped else -1
+
+    def reset_window(self) -> None:
+        self.loss_sum.zero_(), self.gnorm_sum.zero_(), self.bad.zero_()
+
+    def reset_health(self) -> None:
+        self.streak.zero_(), self.trip.fill_(-1)
+
+    def state_dict(self) -> dict:
+        loss_sum, gnorm_sum, bad, streak, trip = self.read()
+        return {"loss_sum": loss_sum, "gnorm_sum": gnorm_sum, "bad": bad, "streak": streak, "trip": trip}
+
+    def load_state_dict(self, st: dict) -> None:
+        self.loss_sum.fill_(st.get("loss_sum", 0.0)), self.gnorm_sum.fill_(st.get("gnorm_sum", 0.0))
+        self.bad.fill_(st.get("bad", 0)), self.streak.fill_(st.get("streak", 0)), self.trip.fill_(st.get("trip", -1))
+
+
 def run(
     spec: RunSpec,
     run_dir: Path,
@@ -110,12 +186,27 @@ def run(
     data_root: Path | None = None,
     allow_download: bool = True,
 ) -> TrainResult:
-    """Train (or continue training) the run in `run_dir` according to `spec`."""
+    """Train (or continue training) the run in `run_dir` according to `spec`.
+
+    Holds RUN_DIR/.lock for the whole run: a second train/resume of the same run dir is refused.
+    """
     emit = on_event or (lambda e: None)
-    stop = stop or StopFlag()
+    run_dir = Path(run_dir)
+    with contextlib.ExitStack() as held:
+        if resume:
+            ck.check_run_dir(run_dir)
+            held.enter_context(RunLock(run_dir, on_warning=lambda m: emit({"event": "warning", "message": m})))
+        return _run(spec, run_dir, resume, emit, stop or StopFlag(), data_root, allow_download, held)
+
+
+def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag, data_root: Path | None,
+         allow_download: bool, held: contextlib.ExitStack) -> TrainResult:
     tr, op = spec.train, spec.optim
+    warn = lambda m: emit({"event": "warning", "message": m})  # noqa: E731
 
     # ---- device and precision
+    if tr.deterministic:  # cuBLAS needs this before its first use to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     device = choose_device(tr.device)
     precision = choose_precision(tr.precision, device)
     deterministic = tr.deterministic or device.type == "cpu"
@@ -145,15 +236,20 @@ def run(
     forward = maybe_compile(model, tr.compile, device, emit)
     train_step = make_train_step(forward, model, opt, ema, schedule, spec, precision, device, scaler)
 
-    # ---- run dir and state
-    step, images_seen, skipped, lr_scale = 0, 0, 0, 1.0
-    run_dir = Path(run_dir)
-    if resume:
-        ckpt = ck.find_newest(run_dir, on_warning=lambda m: emit({"event": "warning", "message": m}))
+    c = Counters()
+    stats = DeviceStats(device, tr.rollback_after)
+    metrics_path = run_dir / "metrics.jsonl"
+
+    def restore(ckpt: ck.Checkpoint, *, everything: bool) -> None:
+        """Load a checkpoint into the live objects. A rollback keeps the run-wide counters."""
         st = ckpt.state
-        model.load_state_dict(ckpt.tensors("model", device))
-        ema.load_state_dict(ckpt.tensors("ema", device))
-        ck.optimizer_from_tensors(opt, ckpt.tensors("optim", device), st["optimizer"])
+        try:
+            model.load_state_dict(ckpt.tensors("model", device))
+            ema.load_state_dict(ckpt.tensors("ema", device))
+            ck.optimizer_from_tensors(opt, ckpt.tensors("optim", device), st["optimizer"])
+        except (RuntimeError, KeyError, ValueError) as exc:
+            raise CheckpointError(f"{ckpt.path} does not fit spec.json ({str(exc).splitlines()[0][:200]}); "
+                                  "was spec.json edited?") from None
         rng = ckpt.tensors("rng")
         torch.set_rng_state(rng["cpu"])
         gen.set_state(rng["noise"].to(gen.device) if device.type != "cuda" else rng["noise"])
@@ -162,48 +258,116 @@ def run(
         if scaler is not None and "scaler" in st:
             scaler.load_state_dict(st["scaler"])
         ema.num_updates = st["ema_updates"]
-        step, images_seen, skipped = st["step"], st["images_seen"], st.get("skipped_steps", 0)
-        lr_scale = st.get("lr_scale", 1.0)
-        _truncate_metrics(run_dir / "metrics.jsonl", step)
-        emit({"event": "resume", "checkpoint": str(ckpt.path), "step": step})
+        c.step, c.images_seen, c.window_steps = st["step"], st["images_seen"], st.get("window_steps", 0)
+        if everything:
+            c.skipped, c.rollbacks = st.get("skipped_steps", 0), st.get("rollbacks", 0)
+            c.lr_scale, c.last_loss = st.get("lr_scale", 1.0), st.get("last_loss")
+            c.retreat = tuple(st["retreat"]) if st.get("retreat") else None
+            stats.load_state_dict(st.get("window", {}))
+        else:
+            c.window_steps = 0
+            stats.reset_window(), stats.reset_health()
+
+    # ---- run dir and state: a fresh run (the directory is made only now that the setup worked),
+    #      or everything back from the newest valid checkpoint
+    ckpt = None
+    if not resume:
+        _create_run_dir(run_dir)
+        held.enter_context(RunLock(run_dir, on_warning=warn))
+        if (run_dir / "spec.json").exists():
+            raise UsageError(f"{run_dir} already holds a run; continue it with `ddpmctl resume {run_dir}`")
+        specmod.save(spec, run_dir / "spec.json")  # from here on `ddpmctl resume` can continue the run
     else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        specmod.save(spec, run_dir / "spec.json")
+        try:
+            ckpt = ck.find_newest(run_dir, on_warning=warn)
+        except CheckpointError:
+            if ck.has_checkpoints(run_dir):
+                raise
+            warn(f"{run_dir} has no complete checkpoint yet; starting again from step 0")
+        if ckpt is not None:
+            restore(ckpt, everything=True)
+            removed = ck.discard_after(run_dir, ckpt)
+            if removed:
+                warn(f"removed {', '.join(removed)}: newer than {ckpt.path.name} (broken, or written after it by "
+                     "the interrupted process); training writes them again")
+            if ckpt.state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+                warn(f"the data now gives {steps_per_epoch} steps per epoch, {ckpt.state['steps_per_epoch']} when "
+                     "the checkpoint was written: the data order differs from an uninterrupted run")
+            emit({"event": "resume", "checkpoint": str(ckpt.path), "step": c.step})
+        c.metrics_bytes = _truncate_metrics(metrics_path, ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
+    start_step = c.step
+
+    # ---- pre-flight: before the first step, the run dir must take two checkpoints
+    _preflight(run_dir, _checkpoint_bytes(model, ema))
 
     n_params = count_parameters(model)
     emit({"event": "start", "run_dir": str(run_dir), "device": describe(device), "precision": precision.name,
           "parameters": n_params, "images": int(data.images.shape[0]), "steps_per_epoch": steps_per_epoch,
-          "total_steps": total_steps, "start_step": step, "compile": forward is not model})
+          "total_steps": total_steps, "start_step": c.step, "compile": forward is not model,
+          "deterministic": deterministic})
 
-    def save(at_step: int) -> Path:
+    def append_metrics(rec: dict) -> None:
+        c.metrics_bytes = _append_metrics(metrics_path, rec)
+
+    def save() -> Path:
+        if c.retreat is not None and c.step > c.retreat[1]:
+            c.retreat = None  # got past the step that diverged last time
         opt_tensors, opt_meta = ck.optimizer_to_tensors(opt)
         rng = {"cpu": torch.get_rng_state(), "noise": gen.get_state().cpu()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
-        state = {"epoch": at_step / steps_per_epoch, "images_seen": images_seen, "ema_updates": ema.num_updates,
-                 "optimizer": opt_meta, "skipped_steps": skipped, "lr_scale": lr_scale,
-                 "last_loss": last_loss, "total_steps": total_steps,
-                 "steps_per_epoch": steps_per_epoch}
+        state = {"epoch": c.step / steps_per_epoch, "images_seen": c.images_seen, "ema_updates": ema.num_updates,
+                 "optimizer": opt_meta, "skipped_steps": c.skipped, "rollbacks": c.rollbacks,
+                 "lr_scale": c.lr_scale, "last_loss": c.last_loss, "total_steps": total_steps,
+                 "steps_per_epoch": steps_per_epoch, "window_steps": c.window_steps, "window": stats.state_dict(),
+                 "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
-        path = ck.save_checkpoint(run_dir, at_step, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                                     "optim": opt_tensors, "rng": rng}, state, tr.keep_last)
-        emit({"event": "checkpoint", "path": str(path), "step": at_step})
+        path = ck.save_checkpoint(run_dir, c.step, {"model": model.state_dict(), "ema": ema.state_dict(),
+                                                    "optim": opt_tensors, "rng": rng}, state, tr.keep_last)
+        emit({"event": "checkpoint", "path": str(path), "step": c.step})
         return path
+
+    def rollback(trip: int, lr: float) -> ck.Checkpoint:
+        """`rollback_after` non-finite steps in a row: back to the newest checkpoint whose weights came
+        before the streak (the weights do not change during it), with a smaller learning rate. Until
+        the run gets past the step that diverged, a new divergence goes back further than the last."""
+        k = tr.rollback_after
+        if c.rollbacks >= tr.max_rollbacks:
+            raise NonFiniteError(
+                f"training diverged: {k} non-finite steps in a row at step {trip}, after {c.rollbacks} rollback(s) "
+                f"(learning rate now {lr:.3g}); lower optim.lr or raise optim.warmup_steps, then resume")
+        before = trip - k if c.retreat is None else min(trip - k, c.retreat[0])
+        try:
+            target = ck.find_newest(run_dir, on_warning=warn, before_step=before)
+        except CheckpointError:
+            raise NonFiniteError(
+                f"training diverged: {k} non-finite steps in a row at step {trip}, and no checkpoint from before "
+                f"step {before} to roll back to; lower optim.lr (now {lr:.3g}) or raise optim.warmup_steps"
+            ) from None
+        at = c.step
+        restore(target, everything=False)
+        c.lr_scale *= op.lr_backoff
+        c.rollbacks += 1
+        c.retreat = (target.step, max(trip, c.retreat[1]) if c.retreat else trip)
+        ck.discard_after(run_dir, target)
+        rec = {"event": "rollback", "step": at, "to_step": target.step, "streak_from": trip - k + 1,
+               "lr_scale": c.lr_scale, "rollbacks": c.rollbacks, "time": time.time()}
+        append_metrics(rec)
+        emit(rec)
+        return target
 
     # ---- the loop
     T = spec.diffusion.timesteps
-    loss_sum = torch.zeros((), device=device)
-    gnorm_sum = torch.zeros((), device=device)
-    bad_count = torch.zeros((), device=device)
-    window_steps, window_start = 0, time.perf_counter()
-    last_loss: float | None = None
+    window_start = time.perf_counter()
     images_per_s: float | None = None
-    last_ckpt: Path | None = None
+    last_ckpt: Path | None = ckpt.path if ckpt else None
     samples: list[str] = []
     model.train()
-    while step < total_steps:
-        epoch, index = divmod(step, steps_per_epoch)
+    while c.step < total_steps:
+        if stop.signum is not None and c.step == start_step:  # a signal before the first step
+            raise Interrupted(stop.signum, run_dir, c.step, None)
+        epoch, index = divmod(c.step, steps_per_epoch)
 
         # data
         x0 = loader.batch(epoch, index)
@@ -211,66 +375,131 @@ def run(
         noise = torch.randn(x0.shape, device=device, generator=gen)
 
         # forward / backward / update / EMA (no host sync; a non-finite step is skipped on the device)
-        lr = get_lr(step, op.lr, op.warmup_steps) * lr_scale
+        lr = get_lr(c.step, op.lr, op.warmup_steps) * c.lr_scale
         loss, gnorm, finite = train_step(x0, t, noise, lr)
+        c.step += 1
+        c.images_seen += x0.shape[0]
+        c.window_steps += 1
+        stats.update(loss, gnorm, finite, c.step)
+        emit({"event": "tick", "step": c.step, "epoch": c.step / steps_per_epoch})
+        stopping = stop.signum is not None  # read once: a signal from here on is handled next step
+        epoch_end = c.step % steps_per_epoch == 0
+        done = c.step >= total_steps
 
-        loss_sum += torch.where(finite, loss.detach().float(), 0.0)
-        gnorm_sum += torch.where(finite, gnorm.detach().float(), 0.0)
-        bad_count += (~finite).float()
-        step += 1
-        window_steps += 1
-        images_seen += x0.shape[0]
-        emit({"event": "tick", "step": step, "epoch": step / steps_per_epoch})
-
-        # log: the only host-device sync, every log_every steps
-        epoch_end = step % steps_per_epoch == 0
-        if step % tr.log_every == 0 or epoch_end or step == total_steps:
-            bad = int(bad_count.item())
-            good = max(window_steps - bad, 1)
-            last_loss = loss_sum.item() / good if bad < window_steps else float("nan")
+        # log: the only host-device sync, every log_every steps; then the divergence guard
+        if c.step % tr.log_every == 0 or epoch_end or done:
+            loss_sum, gnorm_sum, bad, _streak, trip = stats.read()
+            good = max(c.window_steps - bad, 1)
+            c.last_loss = loss_sum / good if bad < c.window_steps else float("nan")
             elapsed = time.perf_counter() - window_start
-            images_per_s = window_steps * tr.batch_size / max(elapsed, 1e-9)
-            skipped += bad
-            rec = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": last_loss,
-                   "grad_norm": gnorm_sum.item() / good, "lr": lr, "images_per_s": round(images_per_s, 2),
+            images_per_s = c.window_steps * tr.batch_size / max(elapsed, 1e-9)
+            c.skipped += bad
+            rec = {"step": c.step, "epoch": round(c.step / steps_per_epoch, 4), "loss": c.last_loss,
+                   "grad_norm": gnorm_sum / good, "lr": lr, "images_per_s": round(images_per_s, 2),
                    "skipped": bad, "time": time.time()}
-            _append_metrics(run_dir / "metrics.jsonl", rec)
+            append_metrics(rec)
             emit({"event": "log", **rec})
-            loss_sum.zero_(), gnorm_sum.zero_(), bad_count.zero_()
-            window_steps, window_start = 0, time.perf_counter()
+            stats.reset_window()
+            c.window_steps, window_start = 0, time.perf_counter()
+            if trip >= 0:
+                target = rollback(trip, lr)
+                if stopping:
+                    raise Interrupted(stop.signum, run_dir, c.step, target.path)
+                continue
 
-        # sample: a fixed-seed grid every sample_every epochs and at the end
-        done = step >= total_steps
-        if (epoch_end and (step // steps_per_epoch) % tr.sample_every == 0) or done:
-            samples.append(str(_sample_grid(spec, run_dir, ema, device, precision, step // steps_per_epoch
-                                            if epoch_end else math.ceil(step / steps_per_epoch), emit)))
+        # sample: a fixed-seed grid every sample_every epochs and at the end (+ an EMA milestone)
+        sample_epoch = epoch_end and (c.step // steps_per_epoch) % tr.sample_every == 0
+        if sample_epoch or done:
+            n = c.step // steps_per_epoch if epoch_end else math.ceil(c.step / steps_per_epoch)
+            samples.append(str(_sample_grid(spec, run_dir, ema, device, precision, n, c.step, emit)))
+            if sample_epoch and tr.milestones:
+                ck.save_milestone(run_dir, n, c.step, ema.state_dict(), {"ema_updates": ema.num_updates})
 
-        # checkpoint
-        if step % tr.checkpoint_every == 0 or epoch_end or done or stop.signum is not None:
-            last_ckpt = save(step)
+        # checkpoint: scheduled ones wait while steps are non-finite (they would hold suspect weights)
+        scheduled = c.step % tr.checkpoint_every == 0 or epoch_end
+        if stopping or done or (scheduled and int(stats.streak.item()) == 0):
+            last_ckpt = save()
+        elif scheduled:
+            warn(f"step {c.step}: checkpoint postponed while training steps are non-finite")
 
         # stop on a signal, after the checkpoint
-        if stop.signum is not None and not done:
-            raise Interrupted(stop.signum, run_dir, step)
+        if stopping and not done:
+            raise Interrupted(stop.signum, run_dir, c.step, last_ckpt)
 
-    if last_ckpt is None and step > 0:  # resumed a finished run: nothing to do
+    if last_ckpt is None and c.step > 0:  # resumed a finished run: nothing to do
         last_ckpt = ck.find_newest(run_dir).path
-    return TrainResult(str(run_dir), step, round(step / steps_per_epoch, 4), last_loss, images_per_s,
-                       str(last_ckpt) if last_ckpt else None, skipped, samples)
+    return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
+                       str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale)
 
 
-def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoch: int, emit: Event) -> Path:
-    """Draw the fixed-seed grid with the EMA weights and save samples/epoch_NNNN.png."""
+def _create_run_dir(run_dir: Path) -> None:
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise UsageError(f"{run_dir} is a file; give a directory for the run") from None
+    except NotADirectoryError:
+        raise UsageError(f"cannot create the run directory {run_dir}: a parent of it is a file") from None
+    except OSError as exc:
+        raise RunDirError(f"cannot create the run directory {run_dir}: {exc.strerror or exc}") from None
+
+
+def _checkpoint_bytes(model: torch.nn.Module, ema: EMA) -> int:
+    """About what one checkpoint takes: weights, EMA, AdamW's two moments, RNG and JSON."""
+    weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    shadow = sum(t.numel() * t.element_size() for t in ema.state_dict().values())
+    moments = 2 * sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    return weights + shadow + moments + (1 << 20)
+
+
+def _preflight(run_dir: Path, checkpoint_bytes: int) -> None:
+    """The run dir is writable and has room for two checkpoints (the new one is complete before the
+    oldest is pruned)."""
+    ckdir = run_dir / ck.CKPT_DIR
+    probe = ckdir / f".tmp-probe-{os.getpid()}"
+    try:
+        ckdir.mkdir(parents=True, exist_ok=True)
+        with open(probe, "wb") as f:
+            f.write(b"ddpmctl")
+            f.flush()
+            os.fsync(f.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise RunDirError(f"the run directory {run_dir} is not writable ({exc.strerror or exc})") from None
+    free = shutil.disk_usage(ckdir).free
+    if free < 2 * checkpoint_bytes:
+        raise CheckpointError(
+            f"not enough free space for checkpoints in {run_dir}: {_human(free)} free, two checkpoints need "
+            f"{_human(2 * checkpoint_bytes)} ({_human(checkpoint_bytes)} each); free some space or use --out "
+            "on another disk")
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
+
+
+def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoch: int, step: int,
+                 emit: Event) -> Path:
+    """Draw the fixed-seed grid with the EMA weights and save samples/epoch_NNNN.png.
+
+    Runs under fork_rng: building the throw-away network must not move the training RNG streams."""
     from ddpmctl.generate import Denoiser, generate
 
-    net = build(spec.model).to(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        net = build(spec.model).to(device)
     ema.copy_to(net)
     net.eval()
     den = Denoiser(net, spec, str(run_dir), None, "ema")
     sp = spec.sample
     seeds = [sp.seed + i for i in range(sp.grid_size)]
-    imgs = torch.cat([b for _, b, _ in generate(den, seeds, sampler=sp.sampler, steps=sp.steps, eta=sp.eta,
-                                                batch_size=256, device=device, precision=precision)])
+    try:
+        imgs = torch.cat([b for _, b, _ in generate(den, seeds, sampler=sp.sampler, steps=sp.steps, eta=sp.eta,
+                                                    batch_size=256, device=device, precision=precision)])
+    except NonFiniteError as exc:
+        raise NonFiniteError(f"the sample grid at training step {step} (epoch {epoch}): {exc}") from None
     out_dir = run_dir / "samples"
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"epoch_{epoch:04d}.png"
@@ -286,20 +515,33 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
     return path
 
 
-def _append_metrics(path: Path, rec: dict) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(rec) + "\n")
+def _append_metrics(path: Path, rec: dict) -> int:
+    """Append one record; return the file's length (saved in checkpoints to truncate on resume)."""
+    try:
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(rec) + "\n")
+            return f.tell()
+    except OSError as exc:
+        raise DdpmctlError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop metrics logged after the checkpoint we resume from (they will be logged again)."""
+def _truncate_metrics(path: Path, state: dict) -> int:
+    """Drop what was logged after the checkpoint we resume from (it will be logged again, identically
+    in deterministic mode); return the new length. A torn last line of a killed process goes too."""
     if not path.exists():
-        return
-    keep = []
+        return 0
+    keep_bytes = state.get("metrics_bytes")
+    if keep_bytes is not None:
+        if path.stat().st_size > keep_bytes:
+            with open(path, "r+b") as f:
+                f.truncate(keep_bytes)
+        return path.stat().st_size
+    keep = []  # checkpoints of older versions: truncate by step
     for line in path.read_text(encoding="utf-8").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            if json.loads(line).get("step", 0) <= state["step"]:
                 keep.append(line)
         except json.JSONDecodeError:
-            continue  # a torn last line of a killed process
+            continue
     ck.atomic_write_text(path, "".join(k + "\n" for k in keep))
+    return path.stat().st_size

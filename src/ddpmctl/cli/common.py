@@ -13,8 +13,8 @@ from rich.console import Console
 from ddpmctl import __version__
 
 # Results go to stdout; messages, progress and errors to stderr.
-out_console = Console(file=sys.stdout, highlight=False, soft_wrap=True)
-err_console = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+out_console = Console(highlight=False, soft_wrap=True)  # sys.stdout, looked up at each write
+err_console = Console(stderr=True, highlight=False, soft_wrap=True)  # sys.stderr, looked up at each write
 
 
 def _version(value: bool) -> None:

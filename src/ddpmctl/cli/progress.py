@@ -88,6 +88,9 @@ class TrainProgress:
             warn(ev["message"])
         elif kind == "resume":
             info(f"resuming from {ev['checkpoint']} (step {ev['step']})")
+        elif kind == "rollback":
+            warn(f"step {ev['step']}: non-finite steps in a row since step {ev['streak_from']}; rolled back to step "
+                 f"{ev['to_step']} with the learning rate x{ev['lr_scale']:g} (rollback {ev['rollbacks']})")
         elif kind == "sample":
             if not self.quiet:
                 info(f"samples: {ev['path']}")
@@ -116,3 +119,5 @@ def signals_to(stop: StopFlag) -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
+        if stop.signum is not None:  # on the way out already: a late Ctrl-C must not add a traceback
+            signal.signal(signal.SIGINT, signal.SIG_IGN)

@@ -27,28 +27,35 @@ def resume(
     """
     from ddpmctl import checkpoint as ck
     from ddpmctl import spec as specmod
-    from ddpmctl.errors import UsageError
+    from ddpmctl.cli.common import warn
+    from ddpmctl.errors import CheckpointError, UsageError
+    from ddpmctl.lock import RunLock
 
     run_dir = ck.check_run_dir(run_dir)
-    spec = specmod.load(run_dir / "spec.json")
-    data = spec.model_dump()
-    if epochs is not None:
-        data["train"]["epochs"] = epochs
-        data["train"]["max_steps"] = None
-    if max_steps is not None:
-        data["train"]["max_steps"] = max_steps
-    if device is not None:
-        data["train"]["device"] = device
-    new = specmod.validate(data)
-    if new != spec:
-        if epochs is not None or max_steps is not None:
-            state = ck.find_newest(run_dir).state
-            total = state.get("total_steps")
-            target = new.train.max_steps or new.train.epochs * state["steps_per_epoch"]
-            if target <= state["step"]:
-                raise UsageError(
-                    f"the run is already at step {state['step']} (epoch {state['epoch']:g}); "
-                    f"--epochs/--max-steps give the new total and must exceed that (was {total} steps)"
-                )
-        specmod.save(new, run_dir / "spec.json")
-    run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root)
+    with RunLock(run_dir, on_warning=warn):  # before spec.json may be rewritten; run() re-enters it
+        spec = specmod.load(run_dir / "spec.json")
+        data = spec.model_dump()
+        if epochs is not None:
+            data["train"]["epochs"] = epochs
+            data["train"]["max_steps"] = None
+        if max_steps is not None:
+            data["train"]["max_steps"] = max_steps
+        if device is not None:
+            data["train"]["device"] = device
+        new = specmod.validate(data)
+        if new != spec:
+            if epochs is not None or max_steps is not None:
+                try:
+                    state = ck.find_newest(run_dir).state
+                except CheckpointError:
+                    state = None  # no checkpoint yet: the run starts again from step 0
+                if state is not None:
+                    total = state.get("total_steps")
+                    target = new.train.max_steps or new.train.epochs * state["steps_per_epoch"]
+                    if target <= state["step"]:
+                        raise UsageError(
+                            f"the run is already at step {state['step']} (epoch {state['epoch']:g}); "
+                            f"--epochs/--max-steps give the new total and must exceed that (was {total} steps)"
+                        )
+            specmod.save(new, run_dir / "spec.json")
+        run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root)

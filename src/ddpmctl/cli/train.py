@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,18 +34,32 @@ def data_source(data: str) -> str:
 
 
 def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root: Optional[Path]) -> None:
+    """Run the loop with a progress display; signals stop it cleanly (exit 130/143, one line on how to
+    resume), a second Ctrl-C at once (the newest complete checkpoint is never left broken)."""
     from ddpmctl.cli.progress import TrainProgress, signals_to
-    from ddpmctl.train import StopFlag, run
+    from ddpmctl.train import Interrupted, StopFlag, run
 
     stop = StopFlag()
-    with signals_to(stop), TrainProgress() as progress:
-        result = run(spec, run_dir, resume=resume, on_event=progress, stop=stop, data_root=data_root)
+    try:
+        with signals_to(stop), TrainProgress() as progress:
+            result = run(spec, run_dir, resume=resume, on_event=progress, stop=stop, data_root=data_root)
+    except Interrupted as exc:
+        info(str(exc))
+        if as_json:
+            print_json({"run_dir": str(run_dir), "interrupted": exc.signum, "steps": exc.step,
+                        "checkpoint": str(exc.checkpoint) if exc.checkpoint else None})
+        sys.exit(exc.exit_code)  # not typer.Exit: main() runs click with standalone_mode=False
+    except KeyboardInterrupt:
+        info(f"stopped at once; the newest complete checkpoint is intact: continue with `ddpmctl resume {run_dir}`")
+        sys.exit(130)
     if as_json:
         print_json(result.to_dict())
     else:
         loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-        info(f"done: {result.steps} steps, {result.epochs:g} epochs, final loss {loss}"
-             + (f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""))
+        extra = f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
+        if result.rollbacks:
+            extra += f", {result.rollbacks} rollback(s) (learning rate x{result.lr_scale:g})"
+        info(f"done: {result.steps} steps, {result.epochs:g} epochs, final loss {loss}{extra}")
         print(result.checkpoint or result.run_dir)
 
 

@@ -1,0 +1,91 @@
+"""`ddpmctl bench`: training and sampling speed of a preset on synthetic data."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json, warn
+from ddpmctl.spec import PRESETS
+
+
+def _fmt_bytes(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+
+
+def _fmt(x: float | None, spec: str, unit: str = "") -> str:
+    return "n/a" if x is None else f"{x:{spec}}{unit}"
+
+
+@app.command(epilog="Examples:\n\n  ddpmctl bench\n\n  ddpmctl bench --preset celeba --batch-size 64 --json\n\n"
+                    "  ddpmctl bench --preset mnist --device cpu --batch-size 16 --steps 2 --only train")
+def bench(
+    preset: Annotated[str, typer.Option(help=f"Preset to measure: {', '.join(PRESETS)}.")] = "cifar10",
+    device: DeviceOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="Training batch size (default: the preset's).")]
+    = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Timed training steps per repeat "
+                                                             "(default: 20 on CUDA, 3 on CPU).")] = None,
+    repeats: Annotated[Optional[int], typer.Option(min=1, help="Timed repeats; the median is reported.")] = None,
+    warmup: Annotated[Optional[int], typer.Option(min=0, help="Untimed warm-up training steps "
+                                                              "(compilation happens here).")] = None,
+    sample_batch_size: Annotated[Optional[int], typer.Option(min=1, help="Sampling batch (default: 256 on CUDA, "
+                                                                         "32 on CPU).")] = None,
+    sample_steps: Annotated[Optional[int], typer.Option(min=2, help="Timed denoising steps per repeat.")] = None,
+    compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
+                                                    help="torch.compile (default: on for CUDA).")] = None,
+    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA).")] = "auto",
+    only: Annotated[Optional[str], typer.Option(help="Measure only 'train' or only 'sample'.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Measure training images/s, sampling ms per step, FLOPs, memory and utilisation on synthetic data.
+
+    Runs the same training step and sampler as `train` and `sample`; warm-up (compilation) is not timed,
+    the median of repeats is reported. Utilisation is against a matrix-multiply peak measured here.
+    """
+    from ddpmctl import bench as benchmod
+    from ddpmctl.errors import UsageError
+
+    if preset not in PRESETS:
+        raise UsageError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    if only not in (None, "train", "sample"):
+        raise UsageError(f"--only expects 'train' or 'sample', got {only!r}")
+
+    def on_event(e: dict) -> None:
+        if e.get("event") == "warning":
+            warn(e["message"])
+        elif e.get("message"):
+            info(e["message"])
+
+    r = benchmod.run(preset, device=device or "auto", batch_size=batch_size, steps=steps, warmup=warmup,
+                     repeats=repeats, sample_batch_size=sample_batch_size, sample_steps=sample_steps,
+                     compile=compile, precision=precision, train=only != "sample", sample=only != "train",
+                     emit=on_event)
+    if as_json:
+        print_json(r)
+        return
+    gf = 1e-9
+    lines = [
+        f"device            {r['device_name']}  (torch {r['torch']}, {r['precision']}, "
+        f"compile {'on' if r['compile'] else 'off'})",
+        f"preset            {r['preset']}  ({r['parameters'] / 1e6:.1f}M parameters)",
+        f"FLOPs per image   {r['flops_per_image_train'] * gf:.1f} GFLOP train (fwd+bwd), "
+        f"{r['flops_per_image_forward'] * gf:.1f} GFLOP forward",
+    ]
+    if r["train_images_per_s"] is not None:
+        lines += [
+            f"training          {r['train_images_per_s']:.1f} images/s at batch {r['batch_size']} "
+            f"({r['train_step_ms']:.1f} ms/step), {_fmt(r['achieved_tflops'], '.1f', ' TFLOP/s')}, "
+            f"utilisation {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')}",
+            f"peak memory       {_fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})",
+        ]
+    if r["sample_ms_per_step"] is not None:
+        lines += [
+            f"sampling          {r['sample_ms_per_step']:.2f} ms per step at batch {r['sample_batch_size']}: "
+            f"{r['sample_images_per_s_1000_steps']:.2f} images/s for 1000-step DDPM, "
+            f"utilisation {_fmt(None if r['sample_mfu'] is None else 100 * r['sample_mfu'], '.1f', '%')}",
+        ]
+    if r["matmul_peak_tflops"] is not None:
+        lines.append(f"matmul peak       {r['matmul_peak_tflops']:.1f} TFLOP/s ({r['peak_dtype']}, measured)")
+    print("\n".join(lines))

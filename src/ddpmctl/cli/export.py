@@ -1,0 +1,64 @@
+"""`ddpmctl export`: a run's weights as a self-describing model folder (optionally with ONNX)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import typer
+
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json
+
+Dtype = Literal["fp32", "fp16", "bf16"]
+Format = Literal["safetensors", "onnx"]
+
+
+def human_size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+@app.command(epilog="Examples:\n\n  ddpmctl export\n\n"
+                    "  ddpmctl export runs/shapes-20261126-101500 --out shapes-ddpm/ --dtype fp16\n\n"
+                    "  ddpmctl export runs/shapes-20261126-101500 --format onnx --json\n\n"
+                    "  ddpmctl sample shapes-ddpm/ --n 16 --out samples/")
+def export(
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory (default: the newest under ./runs).")]
+    = None,
+    out: Annotated[Optional[Path], typer.Option(help="Model folder to write (default: RUN_DIR/export).")] = None,
+    dtype: Annotated[Dtype, typer.Option(help="Weight dtype in model.safetensors.")] = "fp32",
+    no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the raw weights instead of the EMA.")] = False,
+    format: Annotated[Format, typer.Option("--format", help="onnx: also write model.onnx (the denoiser, checked "
+                                                            "with onnxruntime; pip install 'ddpmctl[onnx]').")]
+    = "safetensors",
+    license: Annotated[str, typer.Option(help="License in the model card's front matter.")] = "mit",
+    device: DeviceOpt = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write a model folder: model.safetensors, config.json, README.md (model card), samples.png.
+
+    `ddpmctl sample FOLDER` and `ddpmctl hub-push FOLDER` take the folder; it needs nothing else.
+    """
+    from ddpmctl import checkpoint as ck
+    from ddpmctl.devices import choose_device
+    from ddpmctl.hub import export_model_folder
+
+    if run_dir is None:
+        run_dir = ck.newest_run()
+        info(f"using the newest run: {run_dir}")
+    out = out if out is not None else Path(run_dir) / "export"
+    dev = choose_device(device or "auto")
+    info(f"exporting {run_dir} to {out} ({dtype}, {'raw' if no_ema else 'EMA'} weights); drawing samples.png")
+    res = export_model_folder(Path(run_dir), out, dtype=dtype, use_ema=not no_ema, license=license,
+                              onnx=format == "onnx", device=dev, overwrite=overwrite, on_warning=info)
+    if res.onnx_max_abs_diff is not None:
+        info(f"model.onnx matches PyTorch within {res.onnx_max_abs_diff:.2g} (onnxruntime)")
+    info(", ".join(f"{k} ({human_size(v)})" for k, v in res.files.items()))
+    if as_json:
+        print_json(res.to_dict())
+    else:
+        print(res.out)

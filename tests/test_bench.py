@@ -1,0 +1,235 @@
+"""`ddpmctl bench` runs and reports sane fields (never timings), and every speed-up computes the same
+function as the plain formulation it replaced."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ddpmctl import bench
+from ddpmctl import spec as S
+from ddpmctl.samplers import PerImageNoise, noise_chunk_steps, per_image_generators, randn_per_image
+from ddpmctl.step import _CompiledOrEager, make_sample_fn, maybe_compile
+from ddpmctl.unet import Attention, ResBlock, build
+
+F64 = torch.float64
+
+TINY_BENCH = ["--preset", "shapes", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--repeats", "1",
+              "--warmup", "1", "--sample-batch-size", "2", "--sample-steps", "2"]
+
+
+# ---------------------------------------------------------------------------------------------- bench
+
+
+def test_bench_json_reports_sane_fields(cli):
+    r = cli("bench", *TINY_BENCH, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    required = ["device", "preset", "batch_size", "train_images_per_s", "sample_ms_per_step",
+                "sample_images_per_s_1000_steps", "flops_per_image_train", "peak_memory_bytes", "achieved_tflops",
+                "mfu"]
+    assert not [k for k in required if k not in out]
+    assert out["device"] == "cpu" and out["preset"] == "shapes" and out["batch_size"] == 2
+    assert out["sample_batch_size"] == 2 and out["precision"] == "fp32" and out["compile"] is False
+    assert out["train_images_per_s"] > 0 and out["sample_ms_per_step"] > 0
+    # images/s of a 1000-step DDPM follows from ms per step and the batch
+    assert out["sample_images_per_s_1000_steps"] == pytest.approx(2 / (out["sample_ms_per_step"] * 1e-3 * 1000))
+    # backward costs about twice the forward
+    assert 2.5 < out["flops_per_image_train"] / out["flops_per_image_forward"] < 3.5
+    assert out["peak_memory_bytes"] > 10 * 2**20
+    assert out["achieved_tflops"] == pytest.approx(out["train_images_per_s"] * out["flops_per_image_train"] / 1e12)
+    assert out["matmul_peak_tflops"] > 0 and out["peak_dtype"] == "float32"
+    assert out["mfu"] == pytest.approx(out["achieved_tflops"] / out["matmul_peak_tflops"])
+    assert out["parameters"] == sum(p.numel() for p in build(S.resolve("shapes").model).parameters())
+    assert "training shapes" in r.stderr  # progress on stderr, the result alone on stdout
+
+
+def test_bench_human_output_and_only(cli):
+    r = cli("bench", *TINY_BENCH, "--only", "sample")
+    assert r.returncode == 0, r.stderr
+    assert "ms per step" in r.stdout and "1000-step DDPM" in r.stdout
+    assert "training " not in r.stdout  # --only sample skips training
+
+
+@pytest.mark.parametrize("args, message", [(["--preset", "nope"], "unknown preset 'nope'"),
+                                           (["--only", "both"], "--only expects 'train' or 'sample'")])
+def test_bench_usage_errors_exit_2(cli, args, message):
+    r = cli("bench", *args)
+    assert r.returncode == 2
+    assert message in r.stderr
+
+
+def test_flops_per_image_match_the_ho_et_al_network():
+    f = bench.model_flops_per_image(S.resolve("cifar10"))
+    assert f["train"] == pytest.approx(37.3e9, rel=0.01)
+    assert f["forward"] == pytest.approx(12.44e9, rel=0.01)
+
+
+def test_bench_restores_global_flags():
+    before = torch.are_deterministic_algorithms_enabled()
+    bench.run("shapes", device="cpu", batch_size=2, steps=1, warmup=0, repeats=1, sample=False, peak=False)
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+# -------------------------------------------------------------------- the network's fast formulations
+
+
+def _ref_resblock(b: ResBlock, x, emb):
+    """The plain formulation: skip(x) + conv2(silu((1 + scale) * GN(conv1(silu(GN(x)))) + shift))."""
+    h = b.conv1(F.silu(b.norm1(x)))
+    scale, shift = b.emb(emb)[:, :, None, None].chunk(2, dim=1)
+    h = b.norm2(h) * (1 + scale) + shift
+    return b.skip(x) + b.conv2(F.silu(h))
+
+
+def _ref_attention(a: Attention, x):
+    """The plain formulation with 1x1 convolutions over (B, C, H, W)."""
+    b, c, hgt, wid = x.shape
+    qkv = a.qkv(a.norm(x)).reshape(b, 3, a.heads, c // a.heads, hgt * wid)
+    q, k, v = qkv.transpose(-1, -2).unbind(1)
+    h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, hgt, wid)
+    return x + a.proj(h)
+
+
+def _randomise(module):
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.1)
+    return module
+
+
+@pytest.mark.parametrize("in_ch, out_ch", [(16, 16), (16, 32)])
+def test_resblock_matches_plain_formulation_forward_and_backward(in_ch, out_ch):
+    blk = _randomise(ResBlock(in_ch, out_ch, 24, 0.0, 8)).to(F64)
+    x = torch.randn(3, in_ch, 8, 8, dtype=F64, requires_grad=True)
+    emb = torch.randn(3, 24, dtype=F64)
+    y, y_ref = blk(x, emb), _ref_resblock(blk, x, emb)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *blk.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *blk.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # inference takes the in-place path
+        torch.testing.assert_close(blk(x, emb), y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_token_path_matches_convolutions(channels_last):
+    att = _randomise(Attention(32, 8, 8)).to(F64)
+    x = torch.randn(2, 32, 6, 5, dtype=F64, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y, y_ref = att(xin), _ref_attention(att, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y_ref)
+    for a, b in zip(torch.autograd.grad(y, [x, *att.parameters()], g),
+                    torch.autograd.grad(y_ref, [x, *att.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_channels_last_network_matches_default_layout_on_cpu():
+    sp = S.resolve("shapes").model
+    net = _randomise(build(sp)).eval()
+    x = torch.randn(2, sp.channels, sp.image_size, sp.image_size)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        ref = net(x, t)
+        cl = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ sampling fast paths
+
+
+def test_sample_fn_on_cpu_is_the_fp32_model():
+    sp = S.resolve("shapes").model
+    net = _randomise(build(sp)).eval()
+    x, t = torch.randn(2, sp.channels, sp.image_size, sp.image_size), torch.tensor([0, 999])
+    fn = make_sample_fn(net, None, torch.device("cpu"))
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x, t), net(x, t), rtol=0, atol=0)
+
+
+def test_bf16_autocast_sample_fn_stays_within_bf16_tolerance_on_cpu():
+    from ddpmctl.devices import choose_precision
+
+    sp = S.resolve("shapes").model
+    net = _randomise(build(sp)).eval()
+    x, t = torch.randn(2, sp.channels, sp.image_size, sp.image_size), torch.tensor([10, 500])
+    fn = make_sample_fn(net, choose_precision("bf16", torch.device("cpu")), torch.device("cpu"))
+    with torch.no_grad():
+        out, ref = fn(x, t), net(x, t)
+    assert out.dtype == torch.float32
+    assert float((out - ref).norm() / ref.norm()) < 3e-2
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32), (1, 28, 28)])
+def test_chunked_noise_equals_per_step_draws_on_cpu(shape):
+    """Chunking the per-image draws leaves CPU samples unchanged (image sizes with 16k elements)."""
+    steps = noise_chunk_steps(shape) + 3  # cross a chunk boundary
+    seeds = [5, 9, 11]
+    noise = PerImageNoise(per_image_generators(seeds, "cpu"), shape, "cpu")
+    gens = per_image_generators(seeds, "cpu")
+    for _ in range(steps):
+        torch.testing.assert_close(noise.next(), randn_per_image(gens, shape, "cpu"), rtol=0, atol=0)
+
+
+def test_chunked_noise_depends_on_the_image_seed_only():
+    shape = (3, 5, 7)  # an odd size, where the chunked stream differs from per-step draws
+    a = PerImageNoise(per_image_generators([1, 2, 3], "cpu"), shape, "cpu")
+    b = PerImageNoise(per_image_generators([2], "cpu"), shape, "cpu")
+    for _ in range(noise_chunk_steps(shape) + 2):
+        torch.testing.assert_close(a.next()[1], b.next()[0], rtol=0, atol=0)
+
+
+def test_noise_chunk_depends_on_image_size_only():
+    assert noise_chunk_steps((3, 32, 32)) == 42 and noise_chunk_steps((3, 64, 64)) == 10
+    assert noise_chunk_steps((3, 512, 512)) == 1 and noise_chunk_steps((1, 2, 2)) == 64
+
+
+# ---------------------------------------------------------------------------------------- compile
+
+
+def test_compile_off_returns_the_model_itself():
+    net = torch.nn.Linear(2, 2)
+    assert maybe_compile(net, "off", torch.device("cpu"), lambda e: None) is net
+    assert maybe_compile(net, "auto", torch.device("cpu"), lambda e: None) is net  # auto = CUDA only
+
+
+def test_compile_failure_falls_back_to_eager_and_says_why(monkeypatch):
+    def broken_compile(fn, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("backend exploded")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)  # the third-party boundary
+    events = []
+    net = torch.nn.Linear(3, 2)
+    fwd = maybe_compile(net, "on", torch.device("cpu"), events.append)
+    assert isinstance(fwd, _CompiledOrEager)
+    x = torch.randn(4, 3)
+    torch.testing.assert_close(fwd(x), net(x))
+    torch.testing.assert_close(fwd(x), net(x))  # stays eager, warns once
+    assert len(events) == 1 and events[0]["event"] == "warning"
+    assert "backend exploded" in events[0]["message"] and "without compilation" in events[0]["message"]
+    assert fwd.failed.startswith("RuntimeError")
+
+
+def test_generate_picks_a_batch_size_and_images_depend_only_on_their_seed():
+    from ddpmctl.generate import Denoiser, generate
+
+    spec = S.resolve("shapes", sets=["model.base_channels=8", "model.groups=4", "model.head_channels=8",
+                                     "model.time_embed_dim=16"])
+    den = Denoiser(_randomise(build(spec.model)).eval(), spec, "test", None, "ema")
+    dev = torch.device("cpu")
+    auto = list(generate(den, [3, 4, 5], sampler="ddim", steps=3, device=dev))
+    assert [(start, imgs.shape[0]) for start, imgs, _ in auto] == [(0, 3)]  # auto: one batch on the CPU
+    ones = torch.cat([imgs for _, imgs, _ in generate(den, [3, 4, 5], sampler="ddim", steps=3, eta=1.0,
+                                                      batch_size=1, device=dev)])
+    both = torch.cat([imgs for _, imgs, _ in generate(den, [3, 4, 5], sampler="ddim", steps=3, eta=1.0,
+                                                      batch_size=2, device=dev)])
+    assert torch.equal(ones, both)
