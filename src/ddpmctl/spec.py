@@ -154,7 +154,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "data": {"source": "shapes"},
         "optim": {"lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.995},
-        "train": {"epochs": 10, "batch_size": 32, "checkpoint_every": 500, "sample_every": 2, "log_every": 20},
+        "train": {"epochs": 14, "batch_size": 32, "checkpoint_every": 500, "sample_every": 2, "log_every": 20},
         "sample": {"grid_size": 64, "steps": 50},
     },
     # MNIST 28x28 grayscale.
