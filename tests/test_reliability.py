@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as S
-from ddpmctl.errors import CheckpointError, NonFiniteError, RunDirError, UsageError
+from ddpmctl.errors import CheckpointError, NonFiniteError, UsageError
 from ddpmctl.images import save_png
 from ddpmctl.train import run
 

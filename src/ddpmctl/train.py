@@ -28,13 +28,12 @@ import torch
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
 from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
-from ddpmctl.diffusion import Schedule
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
 from ddpmctl.spec import RunSpec
-from ddpmctl.step import make_train_step, maybe_compile
+from ddpmctl.step import setup_training
 from ddpmctl.unet import build, count_parameters
 
 Event = Callable[[dict], None]
@@ -224,17 +223,10 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
 
     # ---- model, schedule, optimizer, EMA
     torch.manual_seed(tr.seed)
-    model = build(spec.model).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    schedule = Schedule.create(spec.diffusion.schedule, spec.diffusion.timesteps).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=op.lr, betas=(op.beta1, op.beta2),
-                            weight_decay=op.weight_decay, fused=device.type in ("cuda", "cpu"))
-    scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
-    ema = EMA(model, op.ema_decay, op.ema_warmup)
+    training = setup_training(spec, device, precision, emit)  # the same setup `ddpmctl bench` measures
+    model, opt, ema, scaler = training.model, training.opt, training.ema, training.scaler
+    forward, train_step = training.forward, training.step
     gen = _noise_generator(device, tr.seed + 1)
-    forward = maybe_compile(model, tr.compile, device, emit)
-    train_step = make_train_step(forward, model, opt, ema, schedule, spec, precision, device, scaler)
 
     c = Counters()
     stats = DeviceStats(device, tr.rollback_after)
