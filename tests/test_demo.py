@@ -77,7 +77,7 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     from ddpmctl.cli.common import err_console
 
     err = io.StringIO()
-    monkeypatch.setattr(err_console, "file", err)
+    monkeypatch.setattr(err_console, "_file", err)  # undone to None: back to the live sys.stderr
     monkeypatch.setattr(sys, "argv", ["ddpmctl", *args])
     code = 0
     try:

@@ -110,8 +110,11 @@ def signals_to(stop: StopFlag) -> Iterator[None]:
         if stop.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.request(signum)
-        err_console.print(f"{signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
-                          "(Ctrl-C again to stop at once)", highlight=False)
+        try:
+            err_console.print(f"{signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
+                              "(Ctrl-C again to stop at once)", highlight=False)
+        except (OSError, ValueError):  # stderr gone (closed pipe): stopping cleanly matters more
+            pass
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
