@@ -400,6 +400,7 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                 continue
 
         # sample: a fixed-seed grid every sample_every epochs and at the end (+ an EMA milestone)
+        side_start = time.perf_counter()  # sampling and checkpoints are kept out of images/s
         sample_epoch = epoch_end and (c.step // steps_per_epoch) % tr.sample_every == 0
         if sample_epoch or done:
             n = c.step // steps_per_epoch if epoch_end else math.ceil(c.step / steps_per_epoch)
@@ -413,6 +414,7 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             last_ckpt = save()
         elif scheduled:
             warn(f"step {c.step}: checkpoint postponed while training steps are non-finite")
+        window_start += time.perf_counter() - side_start
 
         # stop on a signal, after the checkpoint
         if stopping and not done:
