@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -36,3 +37,19 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """`ddpmctl ARGS` through the real main() in this process: (exit code, stdout, stderr)."""
+    from ddpmctl.cli import main
+    from ddpmctl.cli.common import err_console
+
+    err = io.StringIO()
+    monkeypatch.setattr(err_console, "_file", err)  # undone to None: back to the live sys.stderr
+    monkeypatch.setattr(sys, "argv", ["ddpmctl", *args])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+    return code, capsys.readouterr().out, err.getvalue()

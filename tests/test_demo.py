@@ -9,7 +9,6 @@ needs nothing but Debian's chromium package.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import os
 import select
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import run_main
 import torch
 
 from ddpmctl import demo as D
@@ -69,22 +69,6 @@ def test_reproduce_command_is_a_sample_command():
     cmd = D.reproduce_command("runs/my run", D.Request("ddim", 20, 7, 4), extra=["--no-ema"])
     assert cmd == "ddpmctl sample 'runs/my run' --sampler ddim --steps 20 --seed 7 --n 4 --no-ema --out samples/"
     assert "--steps" not in D.reproduce_command("r", D.Request("ddpm", 1000, 0, 1))
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`ddpmctl ARGS` through the real main() in this process: (exit code, stdout, stderr)."""
-    from ddpmctl.cli import main
-    from ddpmctl.cli.common import err_console
-
-    err = io.StringIO()
-    monkeypatch.setattr(err_console, "_file", err)  # undone to None: back to the live sys.stderr
-    monkeypatch.setattr(sys, "argv", ["ddpmctl", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().out, err.getvalue()
 
 
 def test_without_the_extra_exit_1_with_the_install_command(monkeypatch, capsys):

@@ -4,15 +4,14 @@ stubbed (the third-party boundary); the uploaded folder, the calls and the card 
 from __future__ import annotations
 
 import importlib
-import io
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from conftest import run_main
 import torch
 from safetensors.torch import load_file
 
@@ -67,22 +66,6 @@ def hub(tmp_path, monkeypatch) -> FakeHub:
     (tmp_path / "tmp").mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))  # to see that nothing is left behind
     return FakeHub(tmp_path).install(monkeypatch)
-
-
-def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    """`ddpmctl ARGS` in this process (so the stubs apply): (exit code, stdout, stderr)."""
-    from ddpmctl.cli import main
-    from ddpmctl.cli.common import err_console
-
-    err = io.StringIO()
-    monkeypatch.setattr(err_console, "_file", err)  # undone to None: back to the live sys.stderr
-    monkeypatch.setattr(sys, "argv", ["ddpmctl", *args])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code or 0
-    return code, capsys.readouterr().out, err.getvalue()
 
 
 def http_error(status: int, url: str = "https://huggingface.co/api/repos/create"):
