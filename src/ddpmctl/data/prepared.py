@@ -23,7 +23,6 @@ import sys
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -193,23 +192,6 @@ def list_prepared(root: Path | str | None = None) -> list[dict]:
             "created": info.get("created"), "licence": info.get("licence"),
         })
     return out
-
-
-def find_by_source(root: Path, source: str, **match: Any) -> tuple[Path, dict] | None:
-    """A prepared dataset whose dataset.json says it came from ``source`` (and matches ``match``)."""
-    if not root.is_dir():
-        return None
-    for d in sorted(root.iterdir()):
-        if d.name.startswith(".") or not d.is_dir():
-            continue
-        try:
-            info = read_info(d)
-        except DataError:
-            continue
-        if info and info.get("source") == source and all(info.get(k) == v for k, v in match.items()
-                                                         if v is not None):
-            return d, info
-    return None
 
 
 # ----------------------------------------------------------------------------- writing
