@@ -96,8 +96,7 @@ def generate(
     if batch_size is None:
         batch_size = auto_sample_batch_size(den.model, shape, device, len(seeds), precision)
     if compile is None or compile == "auto":
-        nfe = s.diffusion.timesteps if sampler == "ddpm" else (steps or default_steps(sampler, s.diffusion.timesteps))
-        compile = torch.device(device).type in ("cuda", "cpu") and len(seeds) * nfe >= COMPILE_MIN_IMAGE_STEPS
+        compile = compile_pays_off(s, len(seeds), sampler, steps, device)
 
     def emit(event: dict) -> None:
         if on_warning is not None and event.get("event") == "warning":
@@ -118,6 +117,13 @@ def generate(
 # network takes tens of seconds on a GPU machine, minutes on a small CPU (less with a warm inductor
 # cache), and saves about a third of each step (CPU, mnist preset: docs/performance.md).
 COMPILE_MIN_IMAGE_STEPS = 200_000
+
+
+def compile_pays_off(spec: RunSpec, n: int, sampler: str, steps: int | None, device) -> bool:
+    """The `auto` compile choice for drawing ``n`` images: on CUDA and the CPU from
+    :data:`COMPILE_MIN_IMAGE_STEPS` image-steps up."""
+    nfe = spec.diffusion.timesteps if sampler == "ddpm" else (steps or default_steps(sampler, spec.diffusion.timesteps))
+    return torch.device(device).type in ("cuda", "cpu") and n * nfe >= COMPILE_MIN_IMAGE_STEPS
 
 
 def load_source(source: str | Path | None, *, use_ema: bool = True, device: torch.device | str = "cpu",

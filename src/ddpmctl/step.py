@@ -35,12 +35,16 @@ def uses_channels_last(device: torch.device) -> bool:
 
 
 def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: RunSpec, precision, device,
-                    scaler=None) -> Callable:
+                    scaler=None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable:
     """One optimisation step: (x0, t, noise, lr) -> (loss, grad_norm, finite), all device tensors.
 
     Forward under autocast, backward, clip, AdamW (fused: a non-finite loss or gradient norm sets
     the optimizer's found_inf so the update is skipped on the device), then EMA. No host sync.
     Shared by the training loop and `ddpmctl bench`.
+
+    Distributed (``forward`` is a DistributedDataParallel model): the gradients arrive averaged over
+    ranks, so the gradient norm and the update are the same on every rank; ``reduce`` averages the
+    loss over ranks (NaN on any rank gives NaN on all), so every rank skips the same steps.
     """
     op, prediction = spec.optim, spec.diffusion.prediction
     params = [p for p in model.parameters() if p.requires_grad]
@@ -60,7 +64,8 @@ def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: Run
         else:
             loss.backward()
         gnorm = torch.nn.utils.clip_grad_norm_(params, op.grad_clip)
-        finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)
+        loss = loss.detach() if reduce is None else reduce(loss)
+        finite = torch.isfinite(loss) & torch.isfinite(gnorm)
         if scaler is not None:
             scaler.step(opt)
             scaler.update()
@@ -69,7 +74,7 @@ def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: Run
             opt.step()
         opt.zero_grad(set_to_none=True)
         ema.update(model, weight_scale=finite.float())
-        return loss.detach(), gnorm.detach(), finite
+        return loss, gnorm.detach(), finite
 
     return step
 
@@ -138,10 +143,12 @@ class Training:
 
 
 def setup_training(spec: RunSpec, device: torch.device, precision, emit: Event = _ignore,
-                   compile_mode: str | bool | None = None) -> Training:
+                   compile_mode: str | bool | None = None, dist=None) -> Training:
     """Model (channels_last on CUDA), fused AdamW, EMA, optional compile and the train step.
 
     ``compile_mode`` defaults to ``spec.train.compile``. Seeds are the caller's business.
+    ``dist`` (a :class:`ddpmctl.dist.Dist` with more than one rank): the forward runs through
+    DistributedDataParallel (compiled around it, so DDP's buckets stay overlapped with backward).
     """
     op = spec.optim
     model = build_model(spec, device)
@@ -150,8 +157,15 @@ def setup_training(spec: RunSpec, device: torch.device, precision, emit: Event =
                             weight_decay=op.weight_decay, fused=device.type in ("cuda", "cpu"))
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     ema = EMA(model, op.ema_decay, op.ema_warmup)
-    forward = maybe_compile(model, spec.train.compile if compile_mode is None else compile_mode, device, emit)
-    step = make_train_step(forward, model, opt, ema, schedule, spec, precision, device, scaler)
+    net, reduce = model, None
+    if dist is not None and dist.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  gradient_as_bucket_view=True)  # the U-Net has no buffers to keep in sync
+        reduce = dist.mean
+    forward = maybe_compile(net, spec.train.compile if compile_mode is None else compile_mode, device, emit)
+    step = make_train_step(forward, model, opt, ema, schedule, spec, precision, device, scaler, reduce)
     return Training(model, forward, opt, ema, scaler, schedule, step)
 
 

@@ -28,6 +28,7 @@ import torch
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
 from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
+from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
@@ -184,46 +185,63 @@ def run(
     stop: StopFlag | None = None,
     data_root: Path | None = None,
     allow_download: bool = True,
+    dist: Dist = SINGLE,
 ) -> TrainResult:
     """Train (or continue training) the run in `run_dir` according to `spec`.
 
     Holds RUN_DIR/.lock for the whole run: a second train/resume of the same run dir is refused.
+
+    ``dist`` (:func:`ddpmctl.dist.from_env`): this process is one rank of a torchrun job. Every rank
+    runs this function; the spec's batch size is the global batch, each rank computes on its slice
+    of it, and only rank 0 writes to the run dir (which must be on a filesystem all ranks see).
     """
     emit = on_event or (lambda e: None)
     run_dir = Path(run_dir)
     with contextlib.ExitStack() as held:
         if resume:
             ck.check_run_dir(run_dir)
-            held.enter_context(RunLock(run_dir, on_warning=lambda m: emit({"event": "warning", "message": m})))
-        return _run(spec, run_dir, resume, emit, stop or StopFlag(), data_root, allow_download, held)
+            if dist.is_main:
+                held.enter_context(RunLock(run_dir, on_warning=lambda m: emit({"event": "warning", "message": m})))
+        return _run(spec, run_dir, resume, emit, stop or StopFlag(), data_root, allow_download, held, dist)
 
 
 def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag, data_root: Path | None,
-         allow_download: bool, held: contextlib.ExitStack) -> TrainResult:
+         allow_download: bool, held: contextlib.ExitStack, dist: Dist) -> TrainResult:
     tr, op = spec.train, spec.optim
     warn = lambda m: emit({"event": "warning", "message": m})  # noqa: E731
+    main = dist.is_main  # the one rank that writes
 
     # ---- device and precision
     if tr.deterministic:  # cuBLAS needs this before its first use to be deterministic
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    device = choose_device(tr.device)
+    device = rank_device(choose_device(tr.device), dist)
     precision = choose_precision(tr.precision, device)
     deterministic = tr.deterministic or device.type == "cpu"
     set_fast_math(device, deterministic)
 
-    # ---- data: the whole uint8 array on the device, batches are a function of (seed, epoch, index)
+    # ---- data: the whole uint8 array on the device, batches are a function of (seed, epoch, index);
+    #      one process per machine prepares (downloads) it, the others then read the prepared copy
     from ddpmctl.data import load_images
     from ddpmctl.data.loader import DeviceLoader
 
-    data = load_images(spec.data.source, image_size=spec.model.image_size, channels=spec.model.channels,
-                       root=data_root, allow_download=allow_download, on_event=emit)
-    loader = DeviceLoader(data.images, tr.batch_size, device, seed=tr.seed, flip=spec.data.flip)
+    def load(**kw):
+        return load_images(spec.data.source, image_size=spec.model.image_size, channels=spec.model.channels,
+                           root=data_root, on_event=emit, **kw)
+
+    data = load(allow_download=allow_download) if dist.local_rank == 0 else None
+    dist.barrier()
+    data = data if data is not None else load(allow_download=False)
+    global_batch = min(tr.batch_size, int(data.images.shape[0]))
+    check_batch(global_batch, dist)
+    loader = DeviceLoader(data.images, tr.batch_size, device, seed=tr.seed, flip=spec.data.flip,
+                          shard=(dist.rank, dist.world_size))
     steps_per_epoch = loader.steps_per_epoch
     total_steps = tr.max_steps or tr.epochs * steps_per_epoch
+    rows = dist.shard(global_batch)  # this rank's rows of the global t and noise
 
-    # ---- model, schedule, optimizer, EMA
+    # ---- model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it)
     torch.manual_seed(tr.seed)
-    training = setup_training(spec, device, precision, emit)  # the same setup `ddpmctl bench` measures
+    training = setup_training(spec, device, precision, emit, dist=dist)  # the same setup `ddpmctl bench` measures
     model, opt, ema, scaler = training.model, training.opt, training.ema, training.scaler
     forward, train_step = training.forward, training.step
     gen = _noise_generator(device, tr.seed + 1)
@@ -260,15 +278,23 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             c.window_steps = 0
             stats.reset_window(), stats.reset_health()
 
+    def agree_on(found: ck.Checkpoint | None, what: str) -> None:
+        """Every rank read the checkpoint itself; they must have found the same one."""
+        steps = dist.gather_floats([found.step if found is not None else -1])
+        if len({s[0] for s in steps}) > 1:
+            raise DistError(f"ranks found different checkpoints to {what} (steps {[int(s[0]) for s in steps]}): "
+                            f"{run_dir} must be on a filesystem every rank sees, unchanged while the job starts")
+
     # ---- run dir and state: a fresh run (the directory is made only now that the setup worked),
     #      or everything back from the newest valid checkpoint
     ckpt = None
     if not resume:
-        _create_run_dir(run_dir)
-        held.enter_context(RunLock(run_dir, on_warning=warn))
-        if (run_dir / "spec.json").exists():
-            raise UsageError(f"{run_dir} already holds a run; continue it with `ddpmctl resume {run_dir}`")
-        specmod.save(spec, run_dir / "spec.json")  # from here on `ddpmctl resume` can continue the run
+        if main:
+            _create_run_dir(run_dir)
+            held.enter_context(RunLock(run_dir, on_warning=warn))
+            if (run_dir / "spec.json").exists():
+                raise UsageError(f"{run_dir} already holds a run; continue it with `ddpmctl resume {run_dir}`")
+            specmod.save(spec, run_dir / "spec.json")  # from here on `ddpmctl resume` can continue the run
     else:
         try:
             ckpt = ck.find_newest(run_dir, on_warning=warn)
@@ -276,9 +302,11 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             if ck.has_checkpoints(run_dir):
                 raise
             warn(f"{run_dir} has no complete checkpoint yet; starting again from step 0")
+        agree_on(ckpt, "resume from")
         if ckpt is not None:
             restore(ckpt, everything=True)
-            removed = ck.discard_after(run_dir, ckpt)
+            dist.barrier()  # every rank has read it: rank 0 may now clean up
+            removed = ck.discard_after(run_dir, ckpt) if main else []
             if removed:
                 warn(f"removed {', '.join(removed)}: newer than {ckpt.path.name} (broken, or written after it by "
                      "the interrupted process); training writes them again")
@@ -286,20 +314,32 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                 warn(f"the data now gives {steps_per_epoch} steps per epoch, {ckpt.state['steps_per_epoch']} when "
                      "the checkpoint was written: the data order differs from an uninterrupted run")
             emit({"event": "resume", "checkpoint": str(ckpt.path), "step": c.step})
-        c.metrics_bytes = _truncate_metrics(metrics_path, ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
+        if main:
+            c.metrics_bytes = _truncate_metrics(metrics_path,
+                                                ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
     start_step = c.step
 
     # ---- pre-flight: before the first step, the run dir must take two checkpoints
-    _preflight(run_dir, _checkpoint_bytes(model, ema))
+    if main:
+        _preflight(run_dir, _checkpoint_bytes(model, ema))
 
     n_params = count_parameters(model)
     emit({"event": "start", "run_dir": str(run_dir), "device": describe(device), "precision": precision.name,
           "parameters": n_params, "images": int(data.images.shape[0]), "steps_per_epoch": steps_per_epoch,
           "total_steps": total_steps, "start_step": c.step, "compile": forward is not model,
-          "deterministic": deterministic})
+          "deterministic": deterministic, "world_size": dist.world_size, "global_batch": global_batch})
 
     def append_metrics(rec: dict) -> None:
-        c.metrics_bytes = _append_metrics(metrics_path, rec)
+        if main:
+            c.metrics_bytes = _append_metrics(metrics_path, rec)
+
+    def check_replicas() -> dict:
+        """All ranks must hold the same weights (DDP's promise); checked at every checkpoint."""
+        prints = dist.gather_floats(fingerprint(list(model.parameters())))
+        if any(p != prints[0] for p in prints):
+            raise DistError(f"step {c.step}: the ranks' weights differ (fingerprints {prints}); "
+                            "the checkpoint is not written. Report this with the command line")
+        return {"world_size": dist.world_size, "fingerprints": prints}
 
     def save() -> Path:
         if c.retreat is not None and c.step > c.retreat[1]:
@@ -315,6 +355,11 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                  "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
+        replicas = check_replicas() if dist.distributed else None
+        if not main:
+            return run_dir / ck.CKPT_DIR / ck.checkpoint_name(c.step)
+        if replicas is not None:
+            state["ranks"] = replicas
         path = ck.save_checkpoint(run_dir, c.step, {"model": model.state_dict(), "ema": ema.state_dict(),
                                                     "optim": opt_tensors, "rng": rng}, state, tr.keep_last)
         emit({"event": "checkpoint", "path": str(path), "step": c.step})
@@ -337,12 +382,15 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                 f"training diverged: {k} non-finite steps in a row at step {trip}, and no checkpoint from before "
                 f"step {before} to roll back to; lower optim.lr (now {lr:.3g}) or raise optim.warmup_steps"
             ) from None
+        agree_on(target, "roll back to")
         at = c.step
         restore(target, everything=False)
         c.lr_scale *= op.lr_backoff
         c.rollbacks += 1
         c.retreat = (target.step, max(trip, c.retreat[1]) if c.retreat else trip)
-        ck.discard_after(run_dir, target)
+        dist.barrier()  # every rank has read the target before rank 0 removes what came after it
+        if main:
+            ck.discard_after(run_dir, target)
         rec = {"event": "rollback", "step": at, "to_step": target.step, "streak_from": trip - k + 1,
                "lr_scale": c.lr_scale, "rollbacks": c.rollbacks, "time": time.time()}
         append_metrics(rec)
@@ -357,24 +405,30 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     samples: list[str] = []
     model.train()
     while c.step < total_steps:
-        if stop.signum is not None and c.step == start_step:  # a signal before the first step
-            raise Interrupted(stop.signum, run_dir, c.step, None)
+        if c.step == start_step:  # a signal before the first step
+            early = dist.max_int(stop.signum or 0)
+            if early:
+                raise Interrupted(early, run_dir, c.step, None)
         epoch, index = divmod(c.step, steps_per_epoch)
 
-        # data
+        # data: this rank's rows of the global batch; t and noise drawn for the whole global batch
+        # on every rank (same generator state everywhere), so they do not depend on the rank count
         x0 = loader.batch(epoch, index)
-        t = torch.randint(0, T, (x0.shape[0],), device=device, generator=gen)
-        noise = torch.randn(x0.shape, device=device, generator=gen)
+        t = torch.randint(0, T, (global_batch,), device=device, generator=gen)[rows]
+        noise = torch.randn((global_batch, *x0.shape[1:]), device=device, generator=gen)[rows]
 
         # forward / backward / update / EMA (no host sync; a non-finite step is skipped on the device)
         lr = get_lr(c.step, op.lr, op.warmup_steps) * c.lr_scale
-        loss, gnorm, finite = train_step(x0, t, noise, lr)
+        with dist.guard():  # a rank that died shows up here first, as a failed all-reduce
+            loss, gnorm, finite = train_step(x0, t, noise, lr)
         c.step += 1
-        c.images_seen += x0.shape[0]
+        c.images_seen += global_batch
         c.window_steps += 1
         stats.update(loss, gnorm, finite, c.step)
         emit({"event": "tick", "step": c.step, "epoch": c.step / steps_per_epoch})
-        stopping = stop.signum is not None  # read once: a signal from here on is handled next step
+        # read once (a signal from here on is handled next step), and agreed by every rank
+        signum = dist.max_int(stop.signum or 0)
+        stopping = signum != 0
         epoch_end = c.step % steps_per_epoch == 0
         done = c.step >= total_steps
 
@@ -384,7 +438,7 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             good = max(c.window_steps - bad, 1)
             c.last_loss = loss_sum / good if bad < c.window_steps else float("nan")
             elapsed = time.perf_counter() - window_start
-            images_per_s = c.window_steps * tr.batch_size / max(elapsed, 1e-9)
+            images_per_s = c.window_steps * global_batch / max(elapsed, 1e-9)
             c.skipped += bad
             rec = {"step": c.step, "epoch": round(c.step / steps_per_epoch, 4), "loss": c.last_loss,
                    "grad_norm": gnorm_sum / good, "lr": lr, "images_per_s": round(images_per_s, 2),
@@ -396,13 +450,13 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             if trip >= 0:
                 target = rollback(trip, lr)
                 if stopping:
-                    raise Interrupted(stop.signum, run_dir, c.step, target.path)
+                    raise Interrupted(signum, run_dir, c.step, target.path)
                 continue
 
         # sample: a fixed-seed grid every sample_every epochs and at the end (+ an EMA milestone)
         side_start = time.perf_counter()  # sampling and checkpoints are kept out of images/s
         sample_epoch = epoch_end and (c.step // steps_per_epoch) % tr.sample_every == 0
-        if sample_epoch or done:
+        if (sample_epoch or done) and main:  # the other ranks go on and wait at the next all-reduce
             n = c.step // steps_per_epoch if epoch_end else math.ceil(c.step / steps_per_epoch)
             samples.append(str(_sample_grid(spec, run_dir, ema, device, precision, n, c.step, emit)))
             if sample_epoch and tr.milestones:
@@ -418,10 +472,10 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
 
         # stop on a signal, after the checkpoint
         if stopping and not done:
-            raise Interrupted(stop.signum, run_dir, c.step, last_ckpt)
+            raise Interrupted(signum, run_dir, c.step, last_ckpt)
 
     if last_ckpt is None and c.step > 0:  # resumed a finished run: nothing to do
-        last_ckpt = ck.find_newest(run_dir).path
+        last_ckpt = ckpt.path if ckpt is not None else ck.find_newest(run_dir).path
     return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
                        str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale)
 

@@ -59,7 +59,16 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {msg}", highlight=False)
+    from rich.markup import escape
+
+    err_console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
+
+
+def error(msg: str) -> None:
+    """An error line on stderr, formatted as main() formats a DdpmctlError."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
 def print_json(obj: Any) -> None:

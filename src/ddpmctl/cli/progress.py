@@ -18,9 +18,10 @@ PLAIN_EVERY_S = 10.0  # plain-line logging rate when stderr is not a terminal
 class TrainProgress:
     """Callable event sink for ddpmctl.train.run."""
 
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.live = err_console.is_terminal and not quiet
+    def __init__(self, quiet: bool = False, silent: bool = False):
+        self.quiet = quiet or silent
+        self.silent = silent  # another rank of a distributed job: rank 0 speaks for all
+        self.live = err_console.is_terminal and not self.quiet
         self.progress: Progress | None = None
         self.task = None
         self.total = 0
@@ -48,6 +49,8 @@ class TrainProgress:
             self.progress.__exit__(*exc)
 
     def __call__(self, ev: dict) -> None:
+        if self.silent:
+            return
         kind = ev.get("event")
         if kind == "tick":
             if self.progress is not None and self.task is not None:
@@ -103,13 +106,17 @@ class TrainProgress:
 
 
 @contextmanager
-def signals_to(stop: StopFlag) -> Iterator[None]:
-    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. Second SIGINT: stop at once."""
+def signals_to(stop: StopFlag, quiet: bool = False) -> Iterator[None]:
+    """First SIGINT/SIGTERM: finish the step, checkpoint, stop. Second SIGINT: stop at once.
+
+    ``quiet``: a non-zero rank of a distributed job; it stops with the others and says nothing."""
 
     def handler(signum, frame):
         if stop.signum is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         stop.request(signum)
+        if quiet:
+            return
         try:
             err_console.print(f"{signal.Signals(signum).name}: finishing the current step and writing a checkpoint "
                               "(Ctrl-C again to stop at once)", highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from ddpmctl.cli.common import DeviceOpt, JsonOpt, app
-from ddpmctl.cli.train import run_training
+from ddpmctl.cli.train import NprocOpt, join_job, launch_workers, run_training
 
 
 @app.command(epilog="Examples:\n\n  ddpmctl resume runs/shapes-20261126-101500\n\n"
@@ -19,11 +19,13 @@ def resume(
     max_steps: Annotated[Optional[int], typer.Option(help="New total number of optimizer steps.")] = None,
     device: DeviceOpt = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root.")] = None,
+    nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue RUN_DIR from its newest valid checkpoint with the same spec, optimizer, EMA and counters.
 
     --epochs/--max-steps set the run's new total (not an increment), so resuming twice is harmless.
+    The number of processes may differ from the run's earlier ones (docs/distributed.md).
     """
     from ddpmctl import checkpoint as ck
     from ddpmctl import spec as specmod
@@ -32,6 +34,12 @@ def resume(
     from ddpmctl.lock import RunLock
 
     run_dir = ck.check_run_dir(run_dir)
+    job = join_job(device or specmod.load(run_dir / "spec.json").train.device)
+    if not job.is_main:  # rank 0 checks and updates spec.json; the others read what it wrote
+        job.barrier()
+        run_training(specmod.load(run_dir / "spec.json"), run_dir, resume=True, as_json=as_json,
+                     data_root=data_root, job=job)
+        return
     with RunLock(run_dir, on_warning=warn):  # before spec.json may be rewritten; run() re-enters it
         spec = specmod.load(run_dir / "spec.json")
         data = spec.model_dump()
@@ -58,4 +66,11 @@ def resume(
                             f"--epochs/--max-steps give the new total and must exceed that (was {total} steps)"
                         )
             specmod.save(new, run_dir / "spec.json")
-        run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root)
+        if nproc is None or nproc == 1:
+            job.barrier()
+            run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root, job=job)
+            return
+        from ddpmctl.dist import Dist, check_batch
+
+        check_batch(new.train.batch_size, Dist(world_size=nproc))
+    launch_workers(nproc, new.train.device, [])  # after the lock is released: rank 0 takes it

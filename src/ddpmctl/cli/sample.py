@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 
 from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, err_console, info, print_json, warn
+from ddpmctl.cli.train import NprocOpt
 
 Sampler = Literal["ddpm", "ddim", "dpm-solver++"]
 
@@ -33,45 +35,93 @@ def sample(
     device: DeviceOpt = None,
     precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA).")] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Sample N images into OUT/000000.png ... plus OUT/samples.json."""
+    """Sample N images into OUT/000000.png ... plus OUT/samples.json.
+
+    --nproc N shares the batches between N processes (one per GPU); the images are the same."""
     from rich.progress import Progress
 
     from ddpmctl import __version__
+    from ddpmctl.cli.train import join_job, launch_workers
     from ddpmctl.devices import choose_device, choose_precision, describe
-    from ddpmctl.generate import default_steps, generate, load_source
+    from ddpmctl.dist import rank_device
+    from ddpmctl.generate import compile_pays_off, default_steps, generate, load_source
     from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
 
     check_out_dir(out, overwrite)
-    dev = choose_device(device or "auto")
+    if nproc is not None and nproc > 1:
+        add = []
+        if source is None:  # every worker must sample the same run, even if a newer one appears
+            from ddpmctl.checkpoint import newest_run
+
+            add = [str(newest_run().resolve())]
+        launch_workers(nproc, device, add)  # exits with the workers' code
+    job = join_job(device)
+    say = info if job.is_main else (lambda _m: None)
+    dev = rank_device(choose_device(device or "auto"), job)
     prec = choose_precision(precision, dev)
-    den = load_source(source, use_ema=not no_ema, device=dev, on_warning=info)
+    den = load_source(source, use_ema=not no_ema, device=dev, on_warning=say)
     steps = steps or default_steps(sampler, den.spec.diffusion.timesteps)
     if sampler == "ddpm" and steps != den.spec.diffusion.timesteps:
         warn(f"ddpm runs all {den.spec.diffusion.timesteps} steps; ignoring --steps {steps}")
         steps = den.spec.diffusion.timesteps
     seeds = list(range(seed, seed + n))
-    info(f"sampling {n} image(s) from {den.source} ({den.checkpoint}, {den.weights} weights) with {sampler}, "
-         f"{steps} steps on {describe(dev)}")
+    where = f" on {job.world_size} processes" if job.distributed else ""
+    say(f"sampling {n} image(s) from {den.source} ({den.checkpoint}, {den.weights} weights) with {sampler}, "
+        f"{steps} steps on {describe(dev)}{where}")
+    # rank r draws batches r, r + W, r + 2W, ... of the batches one process would draw, so every
+    # batch, and so every image, is computed exactly as one process computes it
+    batches = [seeds[i:i + batch_size] for i in range(0, n, batch_size)][job.rank::job.world_size]
+    mine = [s for b in batches for s in b]
+    compile = compile_pays_off(den.spec, n, sampler, steps, dev)  # decided on the whole job's n
     t0 = time.perf_counter()
     nfe = 0
-    with staged_dir(out, overwrite) as tmp, Progress(console=err_console, disable=not err_console.is_terminal) as bar:
-        task = bar.add_task("sampling", total=n)
-        for start, imgs, nfe in generate(den, seeds, sampler=sampler, steps=steps, eta=eta, batch_size=batch_size,
-                                         device=dev, precision=prec, variance=variance):
-            for i, img in enumerate(imgs):
-                save_png(tmp / f"{start + i:06d}.png", img)
-            bar.update(task, advance=len(imgs))
+    if not job.distributed:
+        stage = staged_dir(out, overwrite)
+    else:  # rank 0 stages the folder and publishes it after every rank has written its images
+        stage = _shared_stage(job, out, overwrite)
+    with stage as tmp, Progress(console=err_console, disable=not (err_console.is_terminal and job.is_main)) as bar:
+        task = bar.add_task("sampling", total=len(mine))
+        with job.guard():
+            for start, imgs, nfe in generate(den, mine, sampler=sampler, steps=steps, eta=eta,
+                                             batch_size=batch_size, device=dev, precision=prec, variance=variance,
+                                             compile=compile):
+                first = (job.rank + (start // batch_size) * job.world_size) * batch_size
+                for i, img in enumerate(imgs):
+                    save_png(tmp / f"{first + i:06d}.png", img)
+                bar.update(task, advance=len(imgs))
+        job.barrier()
+        if not job.is_main:
+            job.close()
+            return
         meta = {"source": den.source, "checkpoint": den.checkpoint, "weights": den.weights, "sampler": sampler,
                 "steps": steps, "network_evaluations": nfe, "eta": eta if sampler == "ddim" else None,
                 "variance": variance if sampler == "ddpm" else None, "seeds": seeds, "n": n,
                 "device": str(dev), "precision": prec.name, "ddpmctl": __version__,
                 "seconds": round(time.perf_counter() - t0, 3)}
+        if job.distributed:
+            meta["processes"] = job.world_size
         (tmp / "samples.json").write_text(json.dumps(meta, indent=1))
+    job.close()
     info(f"wrote {n} image(s) to {out}/ in {meta['seconds']:.1f}s")
     if as_json:
         print_json({**{k: v for k, v in meta.items() if k != "seeds"}, "out": str(out), "seed": seed})
     else:
         print(out)
+
+
+@contextmanager
+def _shared_stage(job, out: Path, overwrite: bool) -> Iterator[Path]:
+    """staged_dir for a distributed job: rank 0 makes it and tells the others where it is; only
+    rank 0 moves it into place (after the barrier in the caller) or removes it on failure."""
+    from ddpmctl.outdir import staged_dir
+
+    if job.is_main:
+        with staged_dir(out, overwrite) as tmp:
+            job.broadcast(str(tmp))
+            yield tmp
+    else:
+        yield Path(job.broadcast(None))

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json
+from ddpmctl.errors import UsageError
 from ddpmctl.spec import PRESETS
 
 # Datasets whose natural preset differs from their name.
@@ -33,25 +34,82 @@ def data_source(data: str) -> str:
     return data
 
 
-def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root: Optional[Path]) -> None:
+NprocOpt = Annotated[Optional[int], typer.Option(
+    "--nproc", min=1, max=1024, help="Worker processes on this machine (torch.distributed; one per GPU). "
+    "Across machines use `torchrun ... -m ddpmctl train` instead: docs/distributed.md.")]
+
+
+def join_job(device: Optional[str]):
+    """This process's :class:`ddpmctl.dist.Dist`: a rank of the torchrun job that started it, or the
+    single process."""
+    from ddpmctl import dist
+    from ddpmctl.devices import choose_device
+
+    if not dist.launched():
+        return dist.SINGLE
+    return dist.from_env(choose_device(device or "auto"))
+
+
+def launch_workers(nproc: int, device: Optional[str], add: list[str]) -> None:
+    """Re-run this command line in ``nproc`` workers (without --nproc, plus ``add``); exit with their code."""
+    import os
+
+    from ddpmctl import dist
+    from ddpmctl.cli.common import error
+    from ddpmctl.devices import choose_device
+    from ddpmctl.launch import launch, worker_argv
+
+    if dist.launched():
+        raise UsageError("--nproc starts workers itself; inside torchrun leave it out (torchrun's "
+                          "--nproc-per-node says how many)")
+    dev = choose_device(device or "auto")
+    if dev.type not in ("cuda", "cpu"):
+        raise UsageError(f"--nproc runs on CUDA (NCCL) or the CPU (gloo), not {dev.type}; add --device cpu")
+    if dev.type == "cuda":
+        import torch
+
+        if nproc > torch.cuda.device_count():
+            raise UsageError(f"--nproc {nproc}: this machine has {torch.cuda.device_count()} GPU(s); "
+                              "use one worker per GPU")
+    threads = max(1, (os.cpu_count() or 1) // nproc) if dev.type == "cpu" else None
+    result = launch(nproc, worker_argv(sys.argv[1:], add=add), threads_per_worker=threads)
+    if result.message:
+        error(result.message)
+    sys.exit(result.exit_code)
+
+
+def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root: Optional[Path], job=None) -> None:
     """Run the loop with a progress display; signals stop it cleanly (exit 130/143, one line on how to
-    resume), a second Ctrl-C at once (the newest complete checkpoint is never left broken)."""
+    resume), a second Ctrl-C at once (the newest complete checkpoint is never left broken).
+
+    In a distributed job (``job``), every rank runs this; only rank 0 shows progress and prints."""
+    from ddpmctl import dist
     from ddpmctl.cli.progress import TrainProgress, signals_to
     from ddpmctl.train import Interrupted, StopFlag, run
 
+    job = job or dist.SINGLE
     stop = StopFlag()
     try:
-        with signals_to(stop), TrainProgress() as progress:
-            result = run(spec, run_dir, resume=resume, on_event=progress, stop=stop, data_root=data_root)
+        with signals_to(stop, quiet=not job.is_main), TrainProgress(silent=not job.is_main) as progress:
+            result = run(spec, run_dir, resume=resume, on_event=progress, stop=stop, data_root=data_root,
+                         dist=job)
     except Interrupted as exc:
+        if not job.is_main:
+            sys.exit(exc.exit_code)
         info(str(exc))
         if as_json:
             print_json({"run_dir": str(run_dir), "interrupted": exc.signum, "steps": exc.step,
                         "checkpoint": str(exc.checkpoint) if exc.checkpoint else None})
         sys.exit(exc.exit_code)  # not typer.Exit: main() runs click with standalone_mode=False
     except KeyboardInterrupt:
-        info(f"stopped at once; the newest complete checkpoint is intact: continue with `ddpmctl resume {run_dir}`")
+        if job.is_main:
+            info(f"stopped at once; the newest complete checkpoint is intact: continue with "
+                 f"`ddpmctl resume {run_dir}`")
         sys.exit(130)
+    finally:
+        job.close()
+    if not job.is_main:
+        return
     if as_json:
         print_json(result.to_dict())
     else:
@@ -92,9 +150,12 @@ def train(
                                                            "the per-user data dir).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count and "
                                                             "device; write nothing.")] = False,
+    nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a DDPM on DATA. Progress on stderr; the newest checkpoint path (or --json summary) on stdout."""
+    """Train a DDPM on DATA. Progress on stderr; the newest checkpoint path (or --json summary) on stdout.
+
+    With --nproc N (or under torchrun) --batch-size is the global batch, split evenly over the ranks."""
     from ddpmctl import spec as specmod
     from ddpmctl.train import make_run_dir
 
@@ -115,7 +176,14 @@ def train(
         dry_run_report(spec, as_json)
         return
     run_dir = make_run_dir(spec, out)
-    run_training(spec, run_dir, resume=False, as_json=as_json, data_root=data_root)
+    if nproc is not None and nproc > 1:
+        from ddpmctl.dist import Dist, check_batch
+
+        check_batch(spec.train.batch_size, Dist(world_size=nproc))
+        launch_workers(nproc, spec.train.device, ["--out", str(run_dir)])
+    job = join_job(spec.train.device)
+    run_dir = Path(job.broadcast(str(run_dir)))  # under torchrun without --out: rank 0's timestamped name
+    run_training(spec, run_dir, resume=False, as_json=as_json, data_root=data_root, job=job)
 
 
 def dry_run_report(spec, as_json: bool) -> None:

@@ -76,10 +76,14 @@ class DeviceLoader:
     :data:`DEVICE_MEMORY_SHARE` of the free memory, keeping :data:`DEVICE_MEMORY_RESERVE` free);
     otherwise in pinned host memory, gathered on the host and copied with ``non_blocking=True``.
     ``placement`` says which ("device" or "pinned-host").
+
+    ``shard=(rank, world_size)``: ``batch_size`` is the global batch, the same on every rank, and
+    this rank gets rows ``rank * b .. (rank + 1) * b - 1`` of it (``b = batch_size / world_size``),
+    so the data a run sees does not depend on how many ranks share it.
     """
 
     def __init__(self, images_uint8: torch.Tensor, batch_size: int, device: torch.device | str, *,
-                 seed: int, flip: bool = True, drop_last: bool = True):
+                 seed: int, flip: bool = True, drop_last: bool = True, shard: tuple[int, int] = (0, 1)):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"expected a uint8 (N, C, H, W) tensor, got {images_uint8.dtype} "
                              f"{tuple(images_uint8.shape)}")
@@ -95,6 +99,13 @@ class DeviceLoader:
             self.steps_per_epoch = max(1, self.n // self.batch_size)
         else:
             self.steps_per_epoch = -(-self.n // self.batch_size)
+        rank, world = shard
+        if not 0 <= rank < world:
+            raise ValueError(f"shard {shard}: rank must be in 0..world_size-1")
+        if self.batch_size % world:
+            raise ValueError(f"global batch {self.batch_size} does not split over {world} ranks")
+        self.rank, self.world = rank, world
+        self.local_batch = self.batch_size // world
         nbytes = images_uint8.numel()
         if _fits_on(self.device, nbytes):
             self.placement = "device"
@@ -120,12 +131,15 @@ class DeviceLoader:
         self._epoch = epoch
 
     def batch(self, epoch: int, index: int) -> torch.Tensor:
-        """Batch ``index`` of ``epoch``: float32 (B, C, H, W) in [-1, 1] on the device."""
+        """Batch ``index`` of ``epoch`` (this rank's share of it): float32 (B, C, H, W) in [-1, 1]."""
         if not 0 <= index < self.steps_per_epoch:
             raise IndexError(f"batch index {index} out of range 0..{self.steps_per_epoch - 1}")
         self._prepare_epoch(epoch)
         lo = index * self.batch_size
         hi = min(lo + self.batch_size, self.n)
+        if self.world > 1:  # this rank's rows of the global batch (a last short batch splits unevenly)
+            per = -(-(hi - lo) // self.world)
+            lo, hi = min(lo + self.rank * per, hi), min(lo + (self.rank + 1) * per, hi)
         idx = self._perm[lo:hi]
         if self.placement == "device":
             x = self.images.index_select(0, idx)

@@ -1,0 +1,191 @@
+"""Distributed training and sampling on the CPU: gloo, two worker processes started by `--nproc 2`
+through torch.distributed's launcher (docs/distributed.md).
+
+A tiny network on 8x8 images keeps every step cheap: the cost of these tests is process start-up.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ddpmctl.data.loader import DeviceLoader
+from ddpmctl.dist import Dist, check_batch
+from ddpmctl.errors import UsageError
+from ddpmctl.images import save_png
+from ddpmctl.launch import worker_argv
+
+SETS = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolutions=[4]",
+        "model.base_channels=16", "model.num_res_blocks=1", "model.groups=8", "model.head_channels=16",
+        "model.time_embed_dim=32", "sample.grid_size=2", "sample.steps=2", "train.sample_every=1000",
+        "train.log_every=1", "optim.warmup_steps=0"]
+TRAIN = ["--preset", "shapes", "--batch-size", "8", "--device", "cpu", *[a for s in SETS for a in ("--set", s)]]
+ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture
+def images(tmp_path) -> Path:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(32):
+        save_png(folder / f"{i:02d}.png", (torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8))
+    return folder
+
+
+def _popen(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "ddpmctl", *args], env={**os.environ, **ENV},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_line(path: Path, proc: subprocess.Popen, timeout: float = 120) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if path.exists() and path.read_text().count("\n") >= 1:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"exited early ({proc.returncode}): {proc.communicate()[1][-2000:]}")
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no training step logged in {timeout}s")
+
+
+def _weights(run: Path, step: int, part: str = "model") -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step_{step:08d}" / f"{part}.safetensors")
+
+
+def _max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+# ---------------------------------------------------------------- pure pieces, in process
+def test_loader_shards_are_the_global_batch_split_in_rank_order():
+    imgs = torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8)
+    whole = DeviceLoader(imgs, 8, "cpu", seed=3)
+    parts = [DeviceLoader(imgs, 8, "cpu", seed=3, shard=(r, 4)) for r in range(4)]
+    assert [p.steps_per_epoch for p in parts] == [whole.steps_per_epoch] * 4
+    for epoch, index in [(0, 0), (2, 4)]:
+        pieces = [p.batch(epoch, index) for p in parts]
+        assert [x.shape[0] for x in pieces] == [2, 2, 2, 2]
+        assert torch.equal(torch.cat(pieces), whole.batch(epoch, index))
+
+
+def test_global_batch_must_split_evenly():
+    check_batch(32, Dist(world_size=4))
+    with pytest.raises(UsageError, match=r"batch_size 30 .* multiple of 4 \(e\.g\. 28 or 32\)"):
+        check_batch(30, Dist(world_size=4))
+
+
+def test_worker_argv_drops_nproc_and_adds():
+    assert worker_argv(["train", "x", "--nproc", "2", "--json"], add=["--out", "r"]) == \
+        ["train", "x", "--json", "--out", "r"]
+    assert worker_argv(["sample", "--nproc=4", "--n", "3"]) == ["sample", "--n", "3"]
+
+
+def test_nproc_refuses_a_batch_that_does_not_split(cli, images):
+    r = cli("train", str(images), *TRAIN, "--nproc", "3", "--max-steps", "2", "--out", "run", env=ENV)
+    assert r.returncode == 2, r.stderr
+    assert "must split evenly over 3 ranks" in r.stderr
+    assert not Path("run").exists()
+
+
+# ---------------------------------------------------------------- two real ranks
+def test_two_ranks_train_like_one_process_and_write_once(cli, images):
+    """World size 2 with global batch 8 = one process with batch 8 on the same data, within float
+    tolerance; both ranks hold the same weights at every checkpoint; one metrics stream."""
+    args = [str(images), *TRAIN, "--max-steps", "6", "--checkpoint-every", "2", "--json"]
+    two = cli("train", *args, "--nproc", "2", "--out", "two", env=ENV, timeout=300)
+    assert two.returncode == 0, two.stderr
+    one = cli("train", *args, "--out", "one", env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert json.loads(two.stdout)["steps"] == 6  # one JSON object: only rank 0 prints
+    assert "Traceback" not in two.stderr and two.stderr.count("run dir two") == 1
+
+    for step in (2, 4, 6):
+        assert _max_diff(_weights(Path("two"), step), _weights(Path("one"), step)) < 1e-6
+        assert _max_diff(_weights(Path("two"), step, "ema"), _weights(Path("one"), step, "ema")) < 1e-6
+        ranks = json.loads((Path("two") / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())["ranks"]
+        assert ranks["world_size"] == 2 and len(ranks["fingerprints"]) == 2
+        assert ranks["fingerprints"][0] == ranks["fingerprints"][1]
+    assert sorted(p.name for p in (Path("two") / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (Path("one") / "checkpoints").iterdir())
+
+    recs2 = [json.loads(x) for x in (Path("two") / "metrics.jsonl").read_text().splitlines()]
+    recs1 = [json.loads(x) for x in (Path("one") / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs2] == [r["step"] for r in recs1] == [1, 2, 3, 4, 5, 6]
+    for a, b in zip(recs2, recs1):  # the loss is the global batch's, averaged over ranks
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_sigterm_stops_every_rank_with_one_checkpoint_then_one_rank_resumes(cli, images):
+    """SIGTERM to the job: one checkpoint, exit 143. The run then continues in one process and ends
+    where a run that never had two ranks ends, within float tolerance."""
+    total = 400
+    args = [str(images), *TRAIN, "--max-steps", str(total), "--checkpoint-every", "100000"]
+    proc = _popen("train", *args, "--nproc", "2", "--out", "two")
+    _wait_for_line(Path("two") / "metrics.jsonl", proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    ckpts = [p.name for p in (Path("two") / "checkpoints").iterdir() if p.name.startswith("step_")]
+    assert len(ckpts) == 1, ckpts
+    stopped = int(ckpts[0].split("_")[1])
+    assert 0 < stopped < total
+    assert err.count("SIGTERM at step") == 1  # rank 0 speaks for both
+
+    more = stopped + 3
+    res = cli("resume", "two", "--max-steps", str(more), env=ENV, timeout=300)
+    assert res.returncode == 0, res.stderr
+    ref = cli("train", *[a if a != str(total) else str(more) for a in args], "--out", "one", env=ENV, timeout=300)
+    assert ref.returncode == 0, ref.stderr
+    assert _max_diff(_weights(Path("two"), more), _weights(Path("one"), more)) < 1e-5
+    steps = [json.loads(x)["step"] for x in (Path("two") / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, more + 1))
+
+
+def test_a_killed_rank_ends_the_job_quickly_with_a_message(images):
+    proc = _popen("train", str(images), *TRAIN, "--max-steps", "100000", "--nproc", "2", "--out", "two")
+    _wait_for_line(Path("two") / "metrics.jsonl", proc)
+    workers = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    rank1 = [p for p in workers if b"\0RANK=1\0" in b"\0" + Path(f"/proc/{p}/environ").read_bytes()]
+    assert len(rank1) == 1, workers
+    os.kill(rank1[0], signal.SIGKILL)
+    t0 = time.monotonic()
+    _, err = proc.communicate(timeout=90)
+    assert time.monotonic() - t0 < 60
+    assert proc.returncode == 1
+    assert "rank 1 was killed by SIGKILL" in err
+    assert "Traceback" not in err
+
+
+def test_sample_nproc_writes_what_one_process_writes(cli, images):
+    run = cli("train", str(images), *TRAIN, "--max-steps", "2", "--out", "run", env=ENV, timeout=300)
+    assert run.returncode == 0, run.stderr
+    common = ["run", "--n", "7", "--batch-size", "2", "--steps", "4", "--device", "cpu"]
+    two = cli("sample", *common, "--out", "two", "--nproc", "2", "--json", env=ENV, timeout=300)
+    assert two.returncode == 0, two.stderr
+    one = cli("sample", *common, "--out", "one", env=ENV, timeout=300)
+    assert one.returncode == 0, one.stderr
+    names = sorted(p.name for p in Path("one").iterdir())
+    assert names == sorted(p.name for p in Path("two").iterdir())
+    assert len([n for n in names if n.endswith(".png")]) == 7
+    for n in names:
+        if n.endswith(".png"):
+            assert (Path("one") / n).read_bytes() == (Path("two") / n).read_bytes(), n
+    meta = json.loads((Path("two") / "samples.json").read_text())
+    assert meta["processes"] == 2 and meta["seeds"] == list(range(7))
+    assert json.loads(two.stdout)["n"] == 7
+    assert not [p for p in Path(".").iterdir() if ".partial" in p.name]
