@@ -189,3 +189,39 @@ def test_sample_nproc_writes_what_one_process_writes(cli, images):
     assert meta["processes"] == 2 and meta["seeds"] == list(range(7))
     assert json.loads(two.stdout)["n"] == 7
     assert not [p for p in Path(".").iterdir() if ".partial" in p.name]
+
+
+def test_ranks_skip_and_roll_back_together(cli, images):
+    """lr = 1.0 drives the tiny U-Net to NaN: both ranks skip the same steps, roll back together to
+    the same checkpoint and end with identical, finite weights."""
+    r = cli("train", str(images), *TRAIN, "--max-steps", "40", "--checkpoint-every", "2", "--nproc", "2",
+            "--set", "optim.lr=1.0", "--set", "optim.weight_decay=0", "--set", "train.rollback_after=10",
+            "--set", "train.max_rollbacks=3", "--out", "two", "--json", env=ENV, timeout=300)
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["steps"] == 40 and result["skipped_steps"] >= 10 and result["rollbacks"] >= 1
+    recs = [json.loads(x) for x in (Path("two") / "metrics.jsonl").read_text().splitlines()]
+    assert len([x for x in recs if x.get("event") == "rollback"]) == result["rollbacks"]  # written once
+    state = json.loads((Path("two") / "checkpoints" / "step_00000040" / "state.json").read_text())
+    assert state["ranks"]["fingerprints"][0] == state["ranks"]["fingerprints"][1]
+    assert all(torch.isfinite(t).all() for t in _weights(Path("two"), 40).values())
+
+
+def test_plain_torchrun_then_resume_on_two_ranks(images):
+    """The multi-node form (`torchrun ... -m ddpmctl train`, no --out: rank 0 names the run dir for
+    all), then `resume --nproc 2`."""
+    env = {**os.environ, **ENV}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                        "-m", "ddpmctl", "train", str(images), *TRAIN, "--max-steps", "3", "--checkpoint-every",
+                        "3"], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    runs = list(Path("runs").iterdir())
+    assert len(runs) == 1, runs
+    res = subprocess.run([sys.executable, "-m", "ddpmctl", "resume", str(runs[0]), "--max-steps", "5",
+                          "--nproc", "2", "--json"], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["steps"] == 5
+    state = json.loads((runs[0] / "checkpoints" / "step_00000005" / "state.json").read_text())
+    assert state["ranks"]["world_size"] == 2
+    steps = [json.loads(x)["step"] for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5]
