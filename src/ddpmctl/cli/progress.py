@@ -61,7 +61,9 @@ class TrainProgress:
             self.total = ev["total_steps"]
             info(f"run dir {ev['run_dir']} · device {ev['device']} · precision {ev['precision']} · "
                  f"{ev['parameters'] / 1e6:.2f}M parameters · {ev['images']} images · "
-                 f"{ev['steps_per_epoch']} steps/epoch · {ev['total_steps']} steps")
+                 f"{ev['steps_per_epoch']} steps/epoch · {ev['total_steps']} steps"
+                 + (f" · {ev['world_size']} processes, global batch {ev['global_batch']}"
+                    if ev.get("world_size", 1) > 1 else ""))
             if self.progress is not None:
                 self.task = self.progress.add_task("epoch 0", total=self.total, completed=ev["start_step"],
                                                    status="")

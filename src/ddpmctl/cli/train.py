@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -52,8 +53,6 @@ def join_job(device: Optional[str]):
 
 def launch_workers(nproc: int, device: Optional[str], add: list[str]) -> None:
     """Re-run this command line in ``nproc`` workers (without --nproc, plus ``add``); exit with their code."""
-    import os
-
     from ddpmctl import dist
     from ddpmctl.cli.common import error
     from ddpmctl.devices import choose_device
@@ -169,7 +168,7 @@ def train(
         "optim": {"lr": lr},
     }
     spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
-    if guessed and not dry_run:
+    if guessed and not dry_run and os.environ.get("RANK", "0") == "0":  # once per job under torchrun
         info(f"using preset {name} ({spec.model.image_size}x{spec.model.image_size}, "
              f"{spec.model.channels} channel(s)); choose another with --preset")
     if dry_run:
