@@ -214,8 +214,11 @@ def from_env(device: torch.device) -> Dist:
                          "use --device cuda or --device cpu")
     timeout = datetime.timedelta(seconds=timeout_s())
     if not td.is_initialized():
-        kwargs = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
-        td.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        try:  # device_id (torch >= 2.3) binds the NCCL communicator to this rank's GPU eagerly
+            kwargs = {"device_id": torch.device("cuda", local_rank)} if backend == "nccl" else {}
+            td.init_process_group(backend=backend, timeout=timeout, **kwargs)
+        except TypeError:
+            td.init_process_group(backend=backend, timeout=timeout)
     control = td.new_group(backend="gloo", timeout=timeout)
     return Dist(rank, world, local_rank, local_world, control)
 

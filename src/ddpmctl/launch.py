@@ -55,9 +55,13 @@ def launch(nproc: int, argv: list[str], *, threads_per_worker: int | None = None
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     if threads_per_worker is not None and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads_per_worker))
+    import dataclasses
+
+    extra = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}  # newer torch only; older ones wait 30 s
+    known = {f.name for f in dataclasses.fields(LaunchConfig)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
                           rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
-                          monitor_interval=0.5, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+                          monitor_interval=0.5, **{k: v for k, v in extra.items() if k in known})
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "ddpmctl", *argv)
     except SignalException as exc:
