@@ -37,7 +37,7 @@ def data_source(data: str) -> str:
 
 NprocOpt = Annotated[Optional[int], typer.Option(
     "--nproc", min=1, max=1024, help="Worker processes on this machine (torch.distributed; one per GPU). "
-    "Across machines use `torchrun ... -m ddpmctl train` instead: docs/distributed.md.")]
+    "Across machines: `torchrun ... -m ddpmctl COMMAND ...` (docs/distributed.md).")]
 
 
 def join_job(device: Optional[str]):
@@ -122,7 +122,8 @@ def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root:
 
 @app.command(
     epilog="Examples:\n\n  ddpmctl train shapes\n\n  ddpmctl train ./my_photos --preset celeba --epochs 200\n\n"
-    "  ddpmctl train cifar10 --dry-run --json\n\n  ddpmctl train shapes --set optim.lr=1e-3 --max-steps 200",
+    "  ddpmctl train cifar10 --dry-run --json\n\n  ddpmctl train shapes --set optim.lr=1e-3 --max-steps 200\n\n"
+    "  ddpmctl train celeba --epochs 200 --nproc 8",
 )
 def train(
     data: Annotated[str, typer.Argument(help="Dataset: shapes, mnist, cifar10, celeba, a prepared name, "
