@@ -59,9 +59,8 @@ def info(msg: str) -> None:
 
 
 def warn(msg: str) -> None:
-    from rich.markup import escape
-
-    err_console.print(f"[yellow]warning:[/] {escape(msg)}", highlight=False)
+    """A warning on stderr; ``msg`` is rich markup (callers escape text that is not)."""
+    err_console.print(f"[yellow]warning:[/] {msg}", highlight=False)
 
 
 def error(msg: str) -> None:
