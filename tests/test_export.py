@@ -19,7 +19,8 @@ from ddpmctl import __version__
 
 # A tiny run: 0.35M parameters, 4 steps; sample grids with 2 DDIM steps keep every export fast.
 TRAIN_ARGS = ["train", "shapes", "--max-steps", "4", "--batch-size", "8", "--set", "model.base_channels=16",
-              "--set", "model.groups=8", "--set", "sample.steps=2", "--set", "sample.grid_size=4",
+              "--set", "model.groups=8", "--set", "sample.sampler=ddim", "--set", "sample.eta=0",
+              "--set", "sample.steps=2", "--set", "sample.grid_size=4",
               "--sample-every", "1", "--seed", "3"]
 FOLDER_FILES = {"model.safetensors", "config.json", "README.md", "samples.png"}
 

@@ -11,6 +11,7 @@ import torch
 from ddpmctl.diffusion import Schedule
 from ddpmctl.errors import NonFiniteError, UsageError
 from ddpmctl.samplers import (
+    LAMBDA_MIN,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
@@ -148,6 +149,24 @@ def test_dpm_solver_timesteps(lin: Schedule, cos: Schedule) -> None:
         assert len(ts) == n and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in pairwise(ts))
 
 
+def test_dpm_solver_logsnr_steps_skip_the_signal_free_end_of_the_cosine_schedule(lin: Schedule, cos: Schedule) -> None:
+    """lambda(T-1) of the cosine schedule is -9.9 (-5.1 at t = 995): evenly spaced over the whole range, 7 of
+    20 steps fell at t >= 993 (alpha < 0.01). Below LAMBDA_MIN only the first step remains (at T-1)."""
+    lam = 0.5 * cos.log_snr
+    assert float(lam[-1]) < LAMBDA_MIN < float(lam[995])
+    whole = dpm_solver_timesteps(cos, 20, lambda_min=None)
+    assert sum(t >= 993 for t in whole) == 7
+    for n in (10, 20):
+        ts = dpm_solver_timesteps(cos, n)
+        assert ts[0] == 999 and sum(t >= 993 for t in ts) == 1 and float(lam[ts[1]]) > LAMBDA_MIN, ts
+        steps = [float(lam[b] - lam[a]) for a, b in pairwise(ts[1:])]
+        assert max(steps) / min(steps) < 1.5, (ts, steps)  # evenly spaced above LAMBDA_MIN, up to rounding
+    assert float(lam[dpm_solver_timesteps(cos, 100)[1]]) > LAMBDA_MIN
+    # the linear schedule's lambda(T-1) = -5.06 is above the threshold: unchanged
+    assert float(0.5 * lin.log_snr[-1]) > LAMBDA_MIN
+    assert dpm_solver_timesteps(lin, 20) == dpm_solver_timesteps(lin, 20, lambda_min=None)
+
+
 # --- deterministic samplers against the exact probability-flow map ----------------------------
 
 
@@ -275,8 +294,55 @@ def test_stochastic_ddim_and_all_samplers_reproduce_gaussian_data(lin: Schedule)
     assert std["dpm 25"] < std["dpm tu 25"] < std["dpm tu 10"], results
 
 
+def test_stochastic_dpm_solver_pp_first_order_steps_are_ddim_eta1(lin: Schedule) -> None:
+    """SDE-DPM-Solver++ with eta = 1: a first-order step is the DDPM posterior step q(x_s | x_t, x0 = D), which is
+    DDIM's eta = 1 step. With 3 steps every update is first order (the one into t = 0 too, for fewer than 10
+    steps), so on the same timesteps the two samplers agree exactly, noise draws included."""
+    model = gaussian_model(lin, 0.4)
+    assert dpm_solver_timesteps(lin, 3, "time_uniform") == ddim_timesteps(1000, 3)
+    x_T, gens = draw(4)
+    a = dpm_solver_pp_sample(model, lin, x_T, gens, steps=3, spacing="time_uniform", eta=1.0, clip_denoised=False)
+    x_T, gens = draw(4)
+    b = ddim_sample(model, lin, x_T, gens, steps=3, eta=1.0, clip_denoised=False)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+    x_T, gens = draw(4)
+    c = dpm_solver_pp_sample(model, lin, x_T, gens, steps=3, spacing="time_uniform", clip_denoised=False)
+    assert not torch.allclose(a, c)  # eta = 0 (the default) is the deterministic ODE solver
+    with pytest.raises(UsageError, match="eta must be >= 0"):
+        dpm_solver_pp_sample(model, lin, x_T, gens, eta=-0.5)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_stochastic_dpm_solver_pp_reproduces_gaussian_data(kind: str) -> None:
+    """eta = 1 samples the reverse SDE: random given x_T (the draws come from the image generators) and, for the
+    exact model, distributed as the data, like DDPM, already with 20 steps."""
+    s, sd = Schedule.create(kind, 1000), 0.4
+    model = gaussian_model(s, sd)
+    stats = {}
+    for steps in (10, 20, 50):
+        x_T, gens = draw(64, first_seed=200)
+        x, nfe = sample("dpm-solver++", model, s, x_T, gens, steps=steps, eta=1.0, clip_denoised=False)
+        assert nfe == steps
+        stats[steps] = _stats(x.double(), sd)
+    for steps, (mean_err, std_err) in stats.items():
+        # 16384 values: standard errors 0.003 (mean) and 0.6 % (std). On the cosine schedule with the steps
+        # spread over its whole log-SNR range, 10 steps gave a std 12 % too small and 20 steps 5 % too large.
+        assert abs(mean_err) < 0.012 and abs(std_err) < 0.045, stats
+    # the same x_T with other noise draws gives other samples, as with DDPM
+    x_T, gens = draw(4)
+    a, _ = sample("dpm-solver++", model, s, x_T, gens, eta=1.0)
+    b, _ = sample("dpm-solver++", model, s, x_T, per_image_generators([100, 101, 102, 103], "cpu"), eta=1.0)
+    assert float((a - b).abs().mean()) > 0.05
+
+
 @pytest.mark.parametrize(
-    "sampler,kw", [("ddpm", {"variance": "beta"}), ("ddim", {"steps": 100}), ("dpm-solver++", {"steps": 25})]
+    "sampler,kw",
+    [
+        ("ddpm", {"variance": "beta"}),
+        ("ddim", {"steps": 100}),
+        ("dpm-solver++", {"steps": 25}),
+        ("dpm-solver++", {"steps": 25, "eta": 1.0}),
+    ],
 )
 def test_two_mode_mixture_keeps_both_modes(lin: Schedule, sampler: str, kw: dict) -> None:
     m, sd = 0.5, 0.12
@@ -295,7 +361,13 @@ def test_two_mode_mixture_keeps_both_modes(lin: Schedule, sampler: str, kw: dict
 
 @pytest.mark.parametrize(
     "sampler,kw",
-    [("ddpm", {}), ("ddim", {"steps": 20, "eta": 1.0}), ("ddim", {"steps": 20}), ("dpm-solver++", {"steps": 10})],
+    [
+        ("ddpm", {}),
+        ("ddim", {"steps": 20, "eta": 1.0}),
+        ("ddim", {"steps": 20}),
+        ("dpm-solver++", {"steps": 10}),
+        ("dpm-solver++", {"steps": 10, "eta": 1.0}),
+    ],
 )
 def test_an_image_depends_on_its_seed_not_its_batch(lin: Schedule, sampler: str, kw: dict) -> None:
     model = gaussian_model(lin, 0.4)

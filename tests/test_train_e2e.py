@@ -84,6 +84,23 @@ def test_sample_each_sampler(trained, cli, sampler, steps):
     assert all(i.shape == (3, 32, 32) for i in imgs)
 
 
+def test_sample_defaults_come_from_the_runs_spec(trained, cli):
+    """Without --sampler/--steps/--eta a run samples as its spec.sample says (shapes preset:
+    SDE-DPM-Solver++, eta 1; TINY sets 5 steps); another sampler gets its usual steps and eta 0."""
+    base, _, env = trained
+    src = str(base / "runs" / "tiny")
+    from pathlib import Path
+
+    assert cli("sample", src, "--n", "2", "--out", "own", env=env).returncode == 0
+    meta = json.loads(Path("own/samples.json").read_text())
+    assert (meta["sampler"], meta["steps"], meta["eta"], meta["network_evaluations"]) == ("dpm-solver++", 5, 1.0, 5)
+    assert cli("sample", src, "--n", "2", "--sampler", "ddim", "--out", "other", env=env).returncode == 0
+    meta = json.loads(Path("other/samples.json").read_text())
+    assert (meta["sampler"], meta["steps"], meta["eta"]) == ("ddim", 50, 0.0)
+    assert cli("sample", src, "--n", "2", "--eta", "0", "--out", "ode", env=env).returncode == 0
+    assert Path("ode/000000.png").read_bytes() != Path("own/000000.png").read_bytes()  # eta reaches the solver
+
+
 def test_sample_images_depend_on_seed_not_batch(trained, cli, tmp_path):
     base, _, env = trained
     src = str(base / "runs" / "tiny")

@@ -30,7 +30,7 @@ import torch
 
 from ddpmctl.devices import Precision, describe
 from ddpmctl.errors import DdpmctlError
-from ddpmctl.generate import Denoiser, default_steps, generate
+from ddpmctl.generate import Denoiser, default_steps, generate, run_defaults
 from ddpmctl.images import png_bytes, to_uint8
 from ddpmctl.samplers import SAMPLERS
 
@@ -166,7 +166,8 @@ def stream(den: Denoiser, req: Request, *, device: torch.device, precision: Prec
 
     def work() -> None:
         try:
-            for start, imgs, nfe in generate(den, req.seeds, sampler=req.sampler, steps=req.steps,
+            eta = run_defaults(den.spec, req.sampler)[2]  # as `ddpmctl sample` without --eta
+            for start, imgs, nfe in generate(den, req.seeds, sampler=req.sampler, steps=req.steps, eta=eta,
                                              batch_size=batch_size, device=device, precision=precision,
                                              callback_factory=factory):
                 events.put(("batch", start, nfe, imgs))

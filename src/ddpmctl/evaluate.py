@@ -742,7 +742,7 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
         feats = extract_features(extractor, sample_batches(), n, stage="samples", on_event=on_event)
         ref_info = {"split": split, "n": ref.n, "cache": str(ref.path) if ref.path else None, "cached": ref.cached}
         record.update({"sampler": sampler, "steps": steps, "network_evaluations": nfe,
-                       "eta": opts.eta if sampler == "ddim" else None,
+                       "eta": opts.eta if sampler != "ddpm" else None,
                        "variance": opts.variance if sampler == "ddpm" else None, "n_samples": n, "seed": opts.seed,
                        "precision": precision.name, "inception_weights": extractor.weights_id[:16]})
         if "fid" in metrics:

@@ -149,3 +149,13 @@ def load_source(source: str | Path | None, *, use_ema: bool = True, device: torc
 
 def default_steps(sampler: str, timesteps: int) -> int:
     return {"ddpm": timesteps, "ddim": 50, "dpm-solver++": 20}[sampler]
+
+
+def run_defaults(spec: RunSpec, sampler: str | None) -> tuple[str, int, float]:
+    """(sampler, steps, eta) a run samples with when not told: its spec.sample for its own sampler,
+    else that sampler's usual steps and eta 0. `sample`, `demo` and exported model cards agree."""
+    own = spec.sample
+    sampler = sampler or own.sampler
+    if sampler == own.sampler:
+        return sampler, (spec.diffusion.timesteps if sampler == "ddpm" else own.steps), own.eta
+    return sampler, default_steps(sampler, spec.diffusion.timesteps), 0.0

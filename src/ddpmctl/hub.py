@@ -261,7 +261,7 @@ def _make_config(spec: RunSpec, run_dir: Path, ckpt: ck.Checkpoint, kind: str, d
         },
         "evaluation": _read_eval(run_dir),
         "grid": {"file": GRID_FILE, "n": GRID_N, "nrow": GRID_NROW, "seed": GRID_SEED, "sampler": s.sampler,
-                 "steps": steps, "eta": s.eta if s.sampler == "ddim" else None},
+                 "steps": steps, "eta": s.eta if s.sampler != "ddpm" else None},
     }
 
 

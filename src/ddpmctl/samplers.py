@@ -1,4 +1,5 @@
-"""Sampling loops: DDPM (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022).
+"""Sampling loops: DDPM (Ho et al. 2020), DDIM (Song et al. 2021), DPM-Solver++(2M) (Lu et al. 2022) and
+its stochastic form SDE-DPM-Solver++(2M) (eta > 0).
 
 Each sampler is a pure function of (model_fn, schedule, x_T, generators): the caller draws x_T with
 :func:`randn_per_image` from one generator per image seed, and every later random draw is made per
@@ -41,6 +42,7 @@ __all__ = [
     "ddpm_sample",
     "ddim_timesteps",
     "ddim_sample",
+    "LAMBDA_MIN",
     "dpm_solver_timesteps",
     "dpm_solver_pp_sample",
     "sample",
@@ -309,7 +311,22 @@ def ddim_sample(
 # ---------------------------------------------------------------------------------------------
 
 
-def dpm_solver_timesteps(s: Schedule, steps: int, spacing: Literal["time_uniform", "logSNR"] = "logSNR") -> list[int]:
+# Lower end of the log-SNR range that DPM-Solver++'s logSNR spacing spreads its steps over: diffusers'
+# lambda_min_clipped ("critical for the cosine (squaredcos_cap_v2) noise schedule"), at -5.1, the value its
+# tests exercise.
+# Under the cosine schedule lambda(t) = log(alpha / sigma) drops from -5.1 at t = 995 to -9.9 at t = 999
+# (the last beta is clipped to 0.999), and lambdas evenly spaced over the whole range spent 7 of 20
+# evaluations at t >= 993, where alpha < 0.01 and the x0 prediction is mostly clipped noise. The linear
+# schedule (lambda(T-1) = -5.06 for T = 1000) is not affected.
+LAMBDA_MIN = -5.1
+
+
+def dpm_solver_timesteps(
+    s: Schedule,
+    steps: int,
+    spacing: Literal["time_uniform", "logSNR"] = "logSNR",
+    lambda_min: float | None = LAMBDA_MIN,
+) -> list[int]:
     """The ``steps`` discrete timesteps at which DPM-Solver++ evaluates the network, descending, T-1 to 0.
 
     Continuous time follows the reference implementation's "discrete" NoiseScheduleVP (Lu et al.
@@ -318,9 +335,14 @@ def dpm_solver_timesteps(s: Schedule, steps: int, spacing: Literal["time_uniform
     (t - 1/T) * T = n, i.e. exactly the discrete index (the two agree for T = 1000), rounded.
 
     logSNR: lambda = log(alpha / sigma) evenly spaced from lambda(T-1) to lambda(0) (the reference's
-    default for this solver). time_uniform: t evenly spaced. Each point is then snapped to the
-    nearest discrete index (collisions pushed apart by one), and the solver uses the schedule's
-    exact values at those indices, so the noise level it assumes is the one the network sees.
+    default for this solver). Where lambda(T-1) is below ``lambda_min`` (:data:`LAMBDA_MIN`, diffusers'
+    ``lambda_min_clipped``; the cosine schedule), the points are evenly spaced from ``lambda_min`` to
+    lambda(0) instead, as diffusers spaces them, except that the noisiest one is moved out to T-1: the
+    first step crosses the nearly signal-free end of the process (t = 999 -> 992 for 20 steps under the
+    cosine schedule) and the others go where the image forms. ``lambda_min=None`` spaces the whole
+    range. time_uniform: t evenly spaced. Each point is then snapped to the nearest discrete index
+    (collisions pushed apart by one), and the solver uses the schedule's exact values at those
+    indices, so the noise level it assumes is the one the network sees.
     """
     s64 = s.float64()
     T = s64.T
@@ -333,6 +355,9 @@ def dpm_solver_timesteps(s: Schedule, steps: int, spacing: Literal["time_uniform
     elif spacing == "logSNR":
         lam = (0.5 * s64.log_snr).numpy()  # strictly decreasing in the index
         lam_targets = np.linspace(lam[-1], lam[0], steps)
+        if lambda_min is not None and lam[-1] < lambda_min < lam[0]:
+            lam_targets = np.linspace(lambda_min, lam[0], steps)
+            lam_targets[0] = lam[-1]  # the noisiest point is T-1 itself
         targets = np.interp(lam_targets, lam[::-1], np.arange(T - 1, -1, -1, dtype=np.float64))
     else:
         raise UsageError(f"unknown dpm-solver++ spacing {spacing!r}; expected 'logSNR' or 'time_uniform'")
@@ -350,23 +375,37 @@ def dpm_solver_pp_sample(
     prediction: Prediction = "eps",
     clip_denoised: bool = True,
     callback: SamplerCallback | None = None,
+    eta: float = 0.0,
 ) -> Tensor:
-    """DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et al. 2022, Algorithm 2).
+    """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) and, for eta > 0, its stochastic form SDE-DPM-Solver++(2M).
 
     With lambda = log(alpha / sigma), h_i = lambda_i - lambda_{i-1} and D_i the x0 prediction at t_i:
 
-        first step (first order, = DDIM):  x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D_{i-1}
-        later steps:                       x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1)
-                                                 * ((1 + 1/(2 r_i)) D_{i-1} - 1/(2 r_i) D_{i-2}),  r_i = h_{i-1} / h_i
+        x_i = (sigma_i / sigma_{i-1}) e^{-eta h_i} x_{i-1} + alpha_i (1 - e^{-(1 + eta) h_i}) D
+              + sigma_i sqrt(1 - e^{-2 eta h_i}) z,                                     z ~ N(0, I)
+        D = D_{i-1} on the first step (first order), else D_{i-1} + (D_{i-1} - D_{i-2}) / (2 r_i),
+        r_i = h_{i-1} / h_i.
+
+    eta = 0 is the probability-flow ODE solver DPM-Solver++(2M) (deterministic; x_i = (sigma_i /
+    sigma_{i-1}) x_{i-1} - alpha_i (e^{-h_i} - 1) D). eta = 1 solves the reverse SDE instead: the
+    "sde-dpmsolver++" of diffusers' DPMSolverMultistepScheduler (eta as in k-diffusion's
+    sample_dpmpp_2m_sde). A first-order eta = 1 step is exactly the DDPM posterior step
+    q(x_i | x_{i-1}, x_0 = D), i.e. DDIM with eta = 1 on the same timesteps, and draws its noise the same
+    way (one draw per step from each image's generator); the second-order correction is what lets 20
+    steps stand in for DDPM's 1000. Why it matters: a deterministic sampler carries the network's errors
+    at high noise (where x0 = (x - sigma eps) / alpha amplifies them by 1 / alpha) all the way to the
+    image, while the noise an ancestral sampler injects washes them out (docs/quality.md measures this
+    on the shapes demo).
 
     The network is evaluated at the ``steps`` indices of :func:`dpm_solver_timesteps`, which end at
-    t = 0; the last update goes from t = 0 to the clean limit (sigma = 0, where the first-order
-    update is exactly x = D), so the result is denoised and the number of network evaluations is
-    ``steps``. This is the reference's ``lower_order_final`` (the final update is first order) plus
+    t = 0; the last update goes from t = 0 to the clean limit (sigma = 0, where the update is exactly
+    x = D without noise), so the result is denoised and the number of network evaluations is ``steps``.
+    This is the reference's ``lower_order_final`` (the final update is first order) plus
     ``denoise_to_zero`` folded into the last evaluation; as in the reference, for fewer than 10 steps
-    the update into t = 0 is first order too. The generators are unused (the solver is
-    deterministic); they are accepted for a uniform sampler signature.
+    the update into t = 0 is first order too. The generators are used only when eta > 0.
     """
+    if eta < 0:
+        raise UsageError(f"dpm-solver++ eta must be >= 0, got {eta}")
     s64 = s.float64()
     ts = dpm_solver_timesteps(s64, steps, spacing)
     n = len(ts)
@@ -374,6 +413,7 @@ def dpm_solver_pp_sample(
     alphas, sigmas = abar.sqrt().tolist(), (1.0 - abar).sqrt().tolist()
     lambdas = (0.5 * s64.log_snr[ts]).tolist()
     x = _prepare(x_T, generators)
+    noise = PerImageNoise(generators, x.shape[1:], x.device, x.dtype) if eta > 0 else None
     x0_prev: Tensor | None = None
     with torch.no_grad():
         for i, t in enumerate(ts):
@@ -381,17 +421,19 @@ def dpm_solver_pp_sample(
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             if i == n - 1:
-                x = x0  # to sigma = 0: the first-order update reduces to the data prediction
+                x = x0  # to sigma = 0: the update reduces to the data prediction
             else:
                 h = lambdas[i + 1] - lambdas[i]
-                phi = math.expm1(-h)
                 first_order = x0_prev is None or (steps < 10 and i == n - 2)
                 if first_order:
                     d = x0
                 else:
                     r = (lambdas[i] - lambdas[i - 1]) / h
                     d = x0 + (0.5 / r) * (x0 - x0_prev)
-                x = (sigmas[i + 1] / sigmas[i]) * x - (alphas[i + 1] * phi) * d
+                decay = sigmas[i + 1] / sigmas[i] * math.exp(-eta * h)  # (sigma_i / sigma_{i-1}) e^{-eta h}
+                x = decay * x - (alphas[i + 1] * math.expm1(-(1.0 + eta) * h)) * d
+                if noise is not None:
+                    x = x + (sigmas[i + 1] * math.sqrt(-math.expm1(-2.0 * eta * h))) * noise.next()
             x0_prev = x0
             _check_finite(x, "dpm-solver++", t, i, n)
             if callback is not None:
@@ -430,7 +472,9 @@ def sample(
     clip_denoised: None means the sampler's default (True for all three: clipping the data prediction to
     [-1, 1] is the static form of the thresholding Lu et al. recommend for pixel-space models; unclipped,
     an imperfect eps at t near T, where alpha is ~5e-5 under the cosine schedule, gives wild x0).
-    eta is used by ddim only, variance by ddpm only.
+    eta is used by ddim and dpm-solver++ (0: deterministic, the probability-flow ODE; 1: stochastic, DDPM's
+    reverse process; for dpm-solver++ eta = 1 is SDE-DPM-Solver++(2M), the one whose 20-step samples look
+    like 1000-step DDPM's on an under-trained model, docs/quality.md), variance by ddpm only.
     """
     T = s.T
     if name == "ddpm":
@@ -478,6 +522,7 @@ def sample(
             prediction=prediction,
             clip_denoised=True if clip_denoised is None else clip_denoised,
             callback=callback,
+            eta=eta,
         )
     else:
         raise UsageError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")

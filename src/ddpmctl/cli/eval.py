@@ -113,7 +113,7 @@ def eval_cmd(
     sampler: Annotated[Literal["ddpm", "ddim", "dpm-solver++"], typer.Option(help="Sampler for fid/kid.")] = "ddim",
     steps: Annotated[Optional[int], typer.Option(min=1, help="Denoising steps (default: ddpm T, ddim 50, "
                                                              "dpm-solver++ 20).")] = None,
-    eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM eta.")] = 0.0,
+    eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="ddim / dpm-solver++ eta (0 deterministic, 1 stochastic).")] = 0.0,
     variance: Annotated[Literal["beta_tilde", "beta"], typer.Option(help="DDPM sigma^2: beta_tilde or beta.")]
     = "beta_tilde",
     seed: Annotated[int, typer.Option(min=0, help="Sample i uses seed SEED + i; also seeds the bpd noise.")] = 0,

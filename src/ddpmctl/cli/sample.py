@@ -23,10 +23,14 @@ def sample(
     source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder (ddpmctl export) or hf:OWNER/NAME\\[@REV] (default: the newest run under ./runs).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Number of images.")] = 16,
     out: Annotated[Path, typer.Option(help="Output directory (created; must be new or empty).")] = Path("samples"),
-    sampler: Annotated[Sampler, typer.Option(help="ddpm (ancestral, all T steps) | ddim | dpm-solver++.")] = "ddim",
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Denoising steps (default: ddpm T, ddim 50, "
-                                                             "dpm-solver++ 20).")] = None,
-    eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="DDIM eta (0 deterministic, 1 ~ DDPM).")] = 0.0,
+    sampler: Annotated[Optional[Sampler], typer.Option(
+        help="ddpm (ancestral, all T steps) | ddim | dpm-solver++ (default: the run's spec.sample.sampler; "
+             "ddim for the cifar10/celeba/mnist presets, dpm-solver++ for shapes).")] = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="Denoising steps (default: the run's sample.steps "
+                                                             "for its sampler, else ddpm T, ddim 50, dpm-solver++ 20).")] = None,
+    eta: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="ddim / dpm-solver++ eta: 0 deterministic "
+                                                 "(ODE), 1 stochastic like DDPM (default: the run's sample.eta for "
+                                                 "its sampler, else 0).")] = None,
     variance: Annotated[Literal["beta_tilde", "beta"], typer.Option(help="DDPM sigma^2: beta_tilde or beta.")]
     = "beta_tilde",
     seed: Annotated[int, typer.Option(min=0, help="Image i uses seed SEED + i.")] = 0,
@@ -47,7 +51,7 @@ def sample(
     from ddpmctl.cli.train import join_job, launch_workers
     from ddpmctl.devices import choose_device, choose_precision, describe
     from ddpmctl.dist import rank_device
-    from ddpmctl.generate import compile_pays_off, default_steps, generate, load_source
+    from ddpmctl.generate import compile_pays_off, generate, load_source, run_defaults
     from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
 
@@ -64,7 +68,9 @@ def sample(
     dev = rank_device(choose_device(device or "auto"), job)
     prec = choose_precision(precision, dev)
     den = load_source(source, use_ema=not no_ema, device=dev, on_warning=say)
-    steps = steps or default_steps(sampler, den.spec.diffusion.timesteps)
+    sampler, run_steps, run_eta = run_defaults(den.spec, sampler)  # the run's spec.sample, else the usual
+    steps = steps or run_steps
+    eta = run_eta if eta is None else eta
     if sampler == "ddpm" and steps != den.spec.diffusion.timesteps:
         warn(f"ddpm runs all {den.spec.diffusion.timesteps} steps; ignoring --steps {steps}")
         steps = den.spec.diffusion.timesteps
@@ -98,7 +104,7 @@ def sample(
             job.close()
             return
         meta = {"source": den.source, "checkpoint": den.checkpoint, "weights": den.weights, "sampler": sampler,
-                "steps": steps, "network_evaluations": nfe, "eta": eta if sampler == "ddim" else None,
+                "steps": steps, "network_evaluations": nfe, "eta": eta if sampler != "ddpm" else None,
                 "variance": variance if sampler == "ddpm" else None, "seeds": seeds, "n": n,
                 "device": str(dev), "precision": prec.name, "ddpmctl": __version__,
                 "seconds": round(time.perf_counter() - t0, 3)}
