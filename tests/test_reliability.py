@@ -37,7 +37,8 @@ STEPS = 40  # 16 images, batch 4: 4 steps per epoch; checkpoints at multiples of
 SETS = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolutions=[4]",
         "model.base_channels=16", "model.num_res_blocks=1", "model.dropout=0.1", "model.groups=8",
         "model.head_channels=16", "model.time_embed_dim=32", "sample.grid_size=2", "sample.steps=2",
-        "train.sample_every=3", "train.log_every=1", "train.keep_last=3"]
+        "train.sample_every=3", "train.log_every=1", "train.keep_last=3",
+        "diffusion.prediction=eps"]  # the scenarios below (lr = 1.0 diverging, rollbacks) were tuned for eps
 ARGS = ["--preset", "shapes", "--batch-size", "4", "--checkpoint-every", "3", "--max-steps", str(STEPS),
         *[a for s in SETS for a in ("--set", s)]]
 RECORD_KEYS = ("step", "loss", "grad_norm", "lr", "skipped")
