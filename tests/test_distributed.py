@@ -233,3 +233,10 @@ def test_plain_torchrun_then_resume_on_two_ranks(images):
     assert state["ranks"]["world_size"] == 2
     steps = [json.loads(x)["step"] for x in (runs[0] / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5]
+
+
+def test_bad_source_for_sample_nproc_is_one_usage_error(cli):
+    r = cli("sample", "nope", "--nproc", "2", "--out", "s", env=ENV)
+    assert r.returncode == 2
+    assert r.stderr.count("run directory nope does not exist") == 1 and "distributed job" not in r.stderr
+    assert not Path("s").exists()

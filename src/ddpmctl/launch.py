@@ -76,7 +76,9 @@ def launch(nproc: int, argv: list[str], *, threads_per_worker: int | None = None
         detail = "; ".join(_describe(r, f.exitcode) for r, f in causes or failures)
         stopped = len(failures) - len(causes) if causes else 0
         more = f"; the other {stopped} rank(s) were stopped" if stopped else ""
-        return LaunchResult(1, f"distributed job failed: {detail}{more}")
+        same = {f.exitcode for _, f in failures}
+        code = same.pop() if len(same) == 1 and failures[0][1].exitcode > 0 else 1  # e.g. 2: a usage error
+        return LaunchResult(code, f"distributed job failed: {detail}{more}")
     except Exception as exc:  # noqa: BLE001 - rendezvous or agent failure
         raise DdpmctlError(f"could not start {nproc} workers: {exc.__class__.__name__}: {exc}") from None
     return LaunchResult(0)

@@ -62,6 +62,7 @@ def sample(
             from ddpmctl.checkpoint import newest_run
 
             add = [str(newest_run().resolve())]
+        load_source(add[0] if add else source, use_ema=not no_ema, device="cpu")  # a bad SOURCE: one message
         launch_workers(nproc, device, add)  # exits with the workers' code
     job = join_job(device)
     say = info if job.is_main else (lambda _m: None)
