@@ -240,3 +240,26 @@ def test_bad_source_for_sample_nproc_is_one_usage_error(cli):
     assert r.returncode == 2
     assert r.stderr.count("run directory nope does not exist") == 1 and "distributed job" not in r.stderr
     assert not Path("s").exists()
+
+
+def test_two_nodes_on_one_machine(images):
+    """The multi-node form: two torchrun agents (--nnodes 2, one worker each) meeting at a c10d
+    rendezvous. Both workers are local rank 0 of their node, so both prepare the data into the same
+    root at once (prepared writes are atomic), and they train as one job."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, **ENV}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "two-nodes",
+           "-m", "ddpmctl", "train", "shapes", *TRAIN, "--max-steps", "2", "--out", "run", "--json"]
+    nodes = [subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [n.communicate(timeout=300) for n in nodes]
+    assert [n.returncode for n in nodes] == [0, 0], [o[1][-2000:] for o in outs]
+    assert sum(bool(o[0].strip()) for o in outs) == 1  # one rank 0, one JSON result
+    state = json.loads(Path("run/checkpoints/step_00000002/state.json").read_text())
+    assert state["ranks"]["world_size"] == 2
+    assert state["ranks"]["fingerprints"][0] == state["ranks"]["fingerprints"][1]
