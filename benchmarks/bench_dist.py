@@ -74,7 +74,7 @@ def _worker(rank: int, world: int, port: int, args, out) -> None:
     torch.set_num_threads(1)
     td.init_process_group("gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}",
                           timeout=datetime.timedelta(seconds=300))
-    dist = Dist(rank, world, rank, world, td.new_group(backend="gloo"))
+    dist = Dist(rank, world, rank, td.new_group(backend="gloo"))
     spec = S.resolve(args.preset, sets=[], overrides={"train": {"batch_size": args.batch}})
     times = _step_times(spec, dist, args.steps, args.warmup)
     ctl, red = [], []

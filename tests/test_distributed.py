@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 from ddpmctl.data.loader import DeviceLoader
-from ddpmctl.dist import Dist, check_batch
+from ddpmctl.dist import check_batch
 from ddpmctl.errors import UsageError
 from ddpmctl.images import save_png
 from ddpmctl.launch import worker_argv
@@ -89,9 +89,9 @@ def test_loader_shards_are_the_global_batch_split_in_rank_order():
 
 
 def test_global_batch_must_split_evenly():
-    check_batch(32, Dist(world_size=4))
+    check_batch(32, 4)
     with pytest.raises(UsageError, match=r"batch_size 30 .* multiple of 4 \(e\.g\. 28 or 32\)"):
-        check_batch(30, Dist(world_size=4))
+        check_batch(30, 4)
 
 
 def test_worker_argv_drops_nproc_and_adds():

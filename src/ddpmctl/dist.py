@@ -49,7 +49,6 @@ class Dist:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
-    local_world_size: int = 1
     control: Any = None  # the gloo ProcessGroup for host-side agreement
 
     @property
@@ -195,7 +194,6 @@ def from_env(device: torch.device) -> Dist:
         return SINGLE
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     local_rank = int(os.environ["LOCAL_RANK"])
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if world <= 1:
         return SINGLE
     import torch.distributed as td
@@ -220,7 +218,7 @@ def from_env(device: torch.device) -> Dist:
         except TypeError:
             td.init_process_group(backend=backend, timeout=timeout)
     control = td.new_group(backend="gloo", timeout=timeout)
-    return Dist(rank, world, local_rank, local_world, control)
+    return Dist(rank, world, local_rank, control)
 
 
 def rank_device(device: torch.device, dist: Dist) -> torch.device:
@@ -231,12 +229,12 @@ def rank_device(device: torch.device, dist: Dist) -> torch.device:
     return device
 
 
-def check_batch(global_batch: int, dist: Dist) -> None:
-    if global_batch % dist.world_size:
-        lower = global_batch - global_batch % dist.world_size
+def check_batch(global_batch: int, world_size: int) -> None:
+    if global_batch % world_size:
+        lower = global_batch - global_batch % world_size
         raise UsageError(f"train.batch_size {global_batch} is the global batch and must split evenly over "
-                         f"{dist.world_size} ranks; use a multiple of {dist.world_size} (e.g. {lower or dist.world_size} "
-                         f"or {lower + dist.world_size})")
+                         f"{world_size} ranks; use a multiple of {world_size} (e.g. {lower or world_size} "
+                         f"or {lower + world_size})")
 
 
 def fingerprint(tensors: Sequence[torch.Tensor]) -> list[float]:

@@ -8,6 +8,7 @@ the agent stop the others (SIGTERM, then SIGKILL after ``shutdown_timeout``) and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -55,8 +56,6 @@ def launch(nproc: int, argv: list[str], *, threads_per_worker: int | None = None
     logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
     if threads_per_worker is not None and "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(max(1, threads_per_worker))
-    import dataclasses
-
     extra = {"shutdown_timeout": SHUTDOWN_TIMEOUT_S}  # newer torch only; older ones wait 30 s
     known = {f.name for f in dataclasses.fields(LaunchConfig)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
@@ -76,8 +75,7 @@ def launch(nproc: int, argv: list[str], *, threads_per_worker: int | None = None
         detail = "; ".join(_describe(r, f.exitcode) for r, f in causes or failures)
         stopped = len(failures) - len(causes) if causes else 0
         more = f"; the other {stopped} rank(s) were stopped" if stopped else ""
-        same = {f.exitcode for _, f in failures}
-        code = same.pop() if len(same) == 1 and failures[0][1].exitcode > 0 else 1  # e.g. 2: a usage error
+        code = next(iter(codes)) if len(codes) == 1 and min(codes) > 0 else 1  # all alike, e.g. 2: usage
         return LaunchResult(code, f"distributed job failed: {detail}{more}")
     except Exception as exc:  # noqa: BLE001 - rendezvous or agent failure
         raise DdpmctlError(f"could not start {nproc} workers: {exc.__class__.__name__}: {exc}") from None

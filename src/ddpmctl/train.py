@@ -232,7 +232,7 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     dist.barrier()
     data = data if data is not None else load(allow_download=False)
     global_batch = min(tr.batch_size, int(data.images.shape[0]))
-    check_batch(global_batch, dist)
+    check_batch(global_batch, dist.world_size)
     loader = DeviceLoader(data.images, tr.batch_size, device, seed=tr.seed, flip=spec.data.flip,
                           shard=(dist.rank, dist.world_size))
     steps_per_epoch = loader.steps_per_epoch
@@ -475,7 +475,7 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             raise Interrupted(signum, run_dir, c.step, last_ckpt)
 
     if last_ckpt is None and c.step > 0:  # resumed a finished run: nothing to do
-        last_ckpt = ckpt.path if ckpt is not None else ck.find_newest(run_dir).path
+        last_ckpt = ck.find_newest(run_dir).path
     return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
                        str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale)
 

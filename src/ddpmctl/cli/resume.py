@@ -70,7 +70,4 @@ def resume(
             job.barrier()
             run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root, job=job)
             return
-        from ddpmctl.dist import Dist, check_batch
-
-        check_batch(new.train.batch_size, Dist(world_size=nproc))
-    launch_workers(nproc, new.train.device, [])  # after the lock is released: rank 0 takes it
+    launch_workers(nproc, new.train.device, [], new.train.batch_size)  # lock released: rank 0 takes it

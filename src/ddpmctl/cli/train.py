@@ -51,8 +51,10 @@ def join_job(device: Optional[str]):
     return dist.from_env(choose_device(device or "auto"))
 
 
-def launch_workers(nproc: int, device: Optional[str], add: list[str]) -> None:
-    """Re-run this command line in ``nproc`` workers (without --nproc, plus ``add``); exit with their code."""
+def launch_workers(nproc: int, device: Optional[str], add: list[str], global_batch: Optional[int] = None) -> None:
+    """Re-run this command line in ``nproc`` workers (without --nproc, plus ``add``); exit with their code.
+
+    ``global_batch`` (training): must split evenly over the workers, checked before any starts."""
     from ddpmctl import dist
     from ddpmctl.cli.common import error
     from ddpmctl.devices import choose_device
@@ -61,6 +63,8 @@ def launch_workers(nproc: int, device: Optional[str], add: list[str]) -> None:
     if dist.launched():
         raise UsageError("--nproc starts workers itself; inside torchrun leave it out (torchrun's "
                           "--nproc-per-node says how many)")
+    if global_batch is not None:
+        dist.check_batch(global_batch, nproc)
     dev = choose_device(device or "auto")
     if dev.type not in ("cuda", "cpu"):
         raise UsageError(f"--nproc runs on CUDA (NCCL) or the CPU (gloo), not {dev.type}; add --device cpu")
@@ -177,10 +181,7 @@ def train(
         return
     run_dir = make_run_dir(spec, out)
     if nproc is not None and nproc > 1:
-        from ddpmctl.dist import Dist, check_batch
-
-        check_batch(spec.train.batch_size, Dist(world_size=nproc))
-        launch_workers(nproc, spec.train.device, ["--out", str(run_dir)])
+        launch_workers(nproc, spec.train.device, ["--out", str(run_dir)], spec.train.batch_size)
     job = join_job(spec.train.device)
     run_dir = Path(job.broadcast(str(run_dir)))  # under torchrun without --out: rank 0's timestamped name
     run_training(spec, run_dir, resume=False, as_json=as_json, data_root=data_root, job=job)

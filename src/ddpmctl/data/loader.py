@@ -105,7 +105,6 @@ class DeviceLoader:
         if self.batch_size % world:
             raise ValueError(f"global batch {self.batch_size} does not split over {world} ranks")
         self.rank, self.world = rank, world
-        self.local_batch = self.batch_size // world
         nbytes = images_uint8.numel()
         if _fits_on(self.device, nbytes):
             self.placement = "device"
