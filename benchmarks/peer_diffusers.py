@@ -93,7 +93,7 @@ def diffusers_flops(cfg: dict) -> dict[str, int]:
             "parameters": sum(p.numel() for p in net.parameters())}
 
 
-def diffusers_train_step(cfg: dict, device: torch.device, batch: int, *, tuned: bool):
+def diffusers_train_step(cfg: dict, device: torch.device, batch: int, *, tuned: bool, bf16: bool):
     """train_unconditional.py's step (accelerate's bf16 autocast written out) on device-resident data."""
     from diffusers import DDPMScheduler, UNet2DModel
     from diffusers.optimization import get_scheduler
@@ -113,7 +113,7 @@ def diffusers_train_step(cfg: dict, device: torch.device, batch: int, *, tuned: 
     ema.to(device)
     size, ch = cfg["sample_size"], cfg["in_channels"]
     images = bench.synthetic_images(4 * batch, ch, size).to(device)
-    autocast = device.type == "cuda"
+    autocast = bf16
     state = {"i": 0, "loss": 0.0}
 
     def one_step() -> None:
@@ -139,9 +139,9 @@ def diffusers_train_step(cfg: dict, device: torch.device, batch: int, *, tuned: 
     return one_step
 
 
-def diffusers_sampler(cfg: dict, device: torch.device, batch: int):
-    """DDPMPipeline's loop: unet(image, t).sample then DDPMScheduler.step, bf16 weights on CUDA
-    (as from_pretrained(..., torch_dtype=torch.bfloat16)), fp32 elsewhere."""
+def diffusers_sampler(cfg: dict, device: torch.device, batch: int, *, bf16: bool):
+    """DDPMPipeline's loop: unet(image, t).sample then DDPMScheduler.step, bf16 weights when the run
+    is bf16 (as from_pretrained(..., torch_dtype=torch.bfloat16)), fp32 otherwise."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     torch.manual_seed(0)
@@ -149,7 +149,7 @@ def diffusers_sampler(cfg: dict, device: torch.device, batch: int):
     with torch.no_grad():
         for p in unet.parameters():
             p.normal_(0.0, 0.02)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = torch.bfloat16 if bf16 else torch.float32
     unet = unet.to(device=device, dtype=dtype).eval()
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", variance_type="fixed_large",
                               clip_sample=True)
@@ -234,6 +234,12 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cifar10", choices=sorted(DIFFUSERS_MODELS))
     p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="both contestants (auto: ddpmctl's default for the device); diffusers runs bf16 as "
+                        "its example does, autocast for training and bf16 weights for sampling")
+    p.add_argument("--diffusers-precision", default=None, choices=["fp32", "bf16"],
+                   help="diffusers' precision when it should differ from ddpmctl's, e.g. fp32 (its example's "
+                        "default, mixed_precision 'no') against ddpmctl's auto: defaults against defaults")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the preset's)")
     p.add_argument("--sample-batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per repeat")
@@ -269,8 +275,9 @@ def main() -> int:
     t0 = time.perf_counter()
     interleave = device.type == "cpu" if args.interleave is None else args.interleave
     results["interleaved"] = interleave
-    spec = bench.resolve_spec(args.preset, device, args.batch_size, "auto")
-    prec = choose_precision("auto", device)
+    spec = bench.resolve_spec(args.preset, device, args.batch_size, args.precision)
+    prec = choose_precision(args.precision, device)
+    bf16 = (args.diffusers_precision or prec.name) == "bf16"
     batch = spec.train.batch_size
     sample_batch = args.sample_batch_size or d["sample_batch_size"] or batch
     ours_flops, peer_flops = bench.model_flops_per_image(spec), diffusers_flops(cfg)
@@ -279,7 +286,8 @@ def main() -> int:
     ours: dict = {"preset": args.preset, "precision": prec.name, "batch_size": batch, "parameters": n_params,
                   "flops_per_image_train": ours_flops["train"], "flops_per_image_forward": ours_flops["forward"],
                   "sample_batch_size": sample_batch, "warnings": []}
-    peer: dict = {"parameters": peer_flops["parameters"], "flops_per_image_train": peer_flops["train"],
+    peer: dict = {"precision": "bf16" if bf16 else "fp32",
+                  "parameters": peer_flops["parameters"], "flops_per_image_train": peer_flops["train"],
                   "flops_per_image_forward": peer_flops["forward"], "sample_batch_size": sample_batch}
     results["ddpmctl"], results["diffusers"] = ours, peer
 
@@ -297,14 +305,14 @@ def main() -> int:
         return one_step, read
 
     train_builders = {"ddpmctl": ours_train,
-                      "diffusers": lambda: (diffusers_train_step(cfg, device, batch, tuned=False), None)}
+                      "diffusers": lambda: (diffusers_train_step(cfg, device, batch, tuned=False, bf16=bf16), None)}
     if device.type == "cuda" and not args.no_tuned:
-        train_builders["diffusers-tuned"] = lambda: (diffusers_train_step(cfg, device, batch, tuned=True), None)
+        train_builders["diffusers-tuned"] = lambda: (diffusers_train_step(cfg, device, batch, tuned=True, bf16=bf16), None)
     sample_compile = False if args.no_sample_compile else args.compile
     sample_builders = {
         "ddpmctl": lambda: bench.ddpmctl_sampler(spec, device, prec, sample_batch, compile_mode=sample_compile,
                                                  emit=note),
-        "diffusers": lambda: diffusers_sampler(cfg, device, sample_batch),
+        "diffusers": lambda: diffusers_sampler(cfg, device, sample_batch, bf16=bf16),
     }
     ours["sample_compile"] = compile_wanted(sample_compile, device)
 
@@ -394,7 +402,8 @@ def table(res: dict) -> str:
          f(r["sample_tflops"], ".2f") + "x"),
     ]
     head = f"{res['preset']} on {res['device']}, torch {res['torch']}, diffusers {res['diffusers_version']}, " \
-           f"{o['precision']}, ddpmctl compile {'on' if o['compile'] else 'off'} (sampling " \
+           f"{o['precision']}" + (f" (diffusers {d['precision']})" if d.get("precision", o["precision"]) !=
+                                  o["precision"] else "") + f", ddpmctl compile {'on' if o['compile'] else 'off'} (sampling " \
            f"{'on' if o.get('sample_compile', o['compile']) else 'off'}), " \
            f"matmul peak {f(o['matmul_peak_tflops'], '.3g')} TFLOP/s ({o['peak_dtype']})"
     w = max(len(a) for a, *_ in rows)

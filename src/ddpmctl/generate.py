@@ -80,7 +80,7 @@ def generate(
 
     The network runs through :func:`ddpmctl.step.make_sample_fn`: on CUDA bf16 weights (with bf16
     precision), channels_last and one CUDA graph replay per evaluation (``cuda_graph``, default on),
-    compiled when ``compile`` says so (None = auto: on CUDA and the CPU when the call does at least
+    compiled when ``compile`` says so (None = auto: on CUDA when the call does at least
     :data:`COMPILE_MIN_IMAGE_STEPS` image-steps, where compilation pays for itself; a failed
     compilation falls back to eager with a warning). ``batch_size``
     None picks one from free device memory. Image i depends only on seeds[i] whatever the batching.
@@ -113,17 +113,18 @@ def generate(
         yield start, to_uint8(x0), nfe
 
 
-# Below this many (images x network evaluations) a sampling call runs uncompiled: compiling the
-# network takes tens of seconds on a GPU machine, minutes on a small CPU (less with a warm inductor
-# cache), and saves about a third of each step (CPU, mnist preset: docs/performance.md).
+# Below this many (images x network evaluations) a sampling call runs uncompiled on CUDA: compiling
+# the network takes tens of seconds. Never automatic on the CPU: on an idle 2-core machine the
+# compiled, frozen network was no faster than eager (mnist 384 vs 384 ms, cifar10 1017 vs 1019 ms per
+# step) after 9-52 s of compilation (docs/performance.md); generate(compile=True) still forces it.
 COMPILE_MIN_IMAGE_STEPS = 200_000
 
 
 def compile_pays_off(spec: RunSpec, n: int, sampler: str, steps: int | None, device) -> bool:
-    """The `auto` compile choice for drawing ``n`` images: on CUDA and the CPU from
-    :data:`COMPILE_MIN_IMAGE_STEPS` image-steps up."""
+    """The `auto` compile choice for drawing ``n`` images: on CUDA from
+    :data:`COMPILE_MIN_IMAGE_STEPS` image-steps up, never elsewhere."""
     nfe = spec.diffusion.timesteps if sampler == "ddpm" else (steps or default_steps(sampler, spec.diffusion.timesteps))
-    return torch.device(device).type in ("cuda", "cpu") and n * nfe >= COMPILE_MIN_IMAGE_STEPS
+    return torch.device(device).type == "cuda" and n * nfe >= COMPILE_MIN_IMAGE_STEPS
 
 
 def load_source(source: str | Path | None, *, use_ema: bool = True, device: torch.device | str = "cpu",

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json, warn
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, info, print_json, warn
 from ddpmctl.spec import PRESETS
 
 
@@ -35,7 +35,7 @@ def bench(
     sample_steps: Annotated[Optional[int], typer.Option(min=2, help="Timed denoising steps per repeat.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
                                                     help="torch.compile (default: on for CUDA).")] = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA).")] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     only: Annotated[Optional[str], typer.Option(help="Measure only 'train' or only 'sample'.")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -49,6 +49,8 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on 
 DeviceOpt = Annotated[
     Optional[str], typer.Option("--device", help="auto | cpu | cuda | cuda:N | mps (auto: CUDA, then MPS, then CPU).")
 ]
+PRECISION_HELP = ("auto | fp32 | bf16 | fp16 (auto: bf16 where the device computes it natively: CUDA, CPUs with "
+                  "AVX512-BF16 or AMX; else fp32).")
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 OutDirOpt = Annotated[Optional[Path], typer.Option("--out", help="Output path.")]
 

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, app, info, warn
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, app, info, warn
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -29,7 +29,7 @@ def demo(
                                                         "is full.")] = 8,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: DeviceOpt = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA).")] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
 ) -> None:
     """Serve a web page to generate images and watch the reverse process (Ctrl-C stops it)."""
     from ddpmctl.demo import Limits, build_app, launch, require_gradio

@@ -10,7 +10,7 @@ from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, err_console, info, print_json, warn
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, err_console, info, print_json, warn
 from ddpmctl.cli.train import NprocOpt
 
 Sampler = Literal["ddpm", "ddim", "dpm-solver++"]
@@ -37,7 +37,7 @@ def sample(
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (does not change the images).")] = 64,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: DeviceOpt = None,
-    precision: Annotated[str, typer.Option(help="auto | fp32 | bf16 | fp16 (auto: bf16 on CUDA).")] = "auto",
+    precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
     nproc: NprocOpt = None,
     as_json: JsonOpt = False,

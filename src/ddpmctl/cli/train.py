@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, info, print_json
 from ddpmctl.errors import UsageError
 from ddpmctl.spec import PRESETS
 
@@ -143,7 +143,7 @@ def train(
     seed: Annotated[Optional[int], typer.Option(help="Random seed.")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<data>-<timestamp>).")] = None,
     device: DeviceOpt = None,  # type: ignore[assignment]
-    precision: Annotated[Optional[str], typer.Option(help="auto | fp32 | bf16 | fp16.")] = None,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP)] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Checkpoint every N steps.")] = None,
     sample_every: Annotated[Optional[int], typer.Option(help="Sample grid every N epochs.")] = None,
     compile: Annotated[Optional[bool], typer.Option("--compile/--no-compile",
