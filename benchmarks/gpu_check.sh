@@ -6,13 +6,15 @@
 #   2. the CUDA path of the CLI: train shapes (compiled), resume, sample ddpm and dpm-solver++,
 #      bench --preset shapes; plus benchmarks/check_fast_paths.py (fast paths vs fp32 eager)
 #   3. celeba: bench and diffusers' 64x64 example model side by side (sampling uncompiled, to fit)
+#   4. cifar10 against lucidrains' denoising-diffusion-pytorch, when installed and time is left
 #
 # On the GPU machine (wheels for what its image lacks in .whl/, see docs/performance.md):
 #   bash benchmarks/gpu_check.sh                      # OUT must name an empty folder
 # Rehearsal on a CPU (tiny sizes, same code paths where the CPU has them):
 #   DEVICE=cpu TINY=1 OUT=/tmp/gpucheck bash benchmarks/gpu_check.sh
 #
-# $OUT receives at most 7 files: env.txt log.txt cifar10.json celeba.json cli.jsonl fast_paths.json
+# $OUT receives at most 8 files: env.txt log.txt cifar10.json celeba.json cli.jsonl fast_paths.json
+# lucidrains.json
 # (run directories and images stay under $WORK).
 set -u
 : "${OUT:?set OUT to an output folder}"
@@ -106,6 +108,16 @@ if [ "$LEFT" -gt 30 ]; then
     --json-out "$OUT/celeba.json" --no-sample-compile "${PEER_ARGS[@]}"
 else
   echo "{\"stage\": \"peer_celeba\", \"skipped\": \"only ${LEFT}s left\"}" | tee -a "$CLI"
+fi
+# 4. lucidrains' denoising-diffusion-pytorch on cifar10, only if installed and time is left
+LEFT=$(( TOTAL - ($(date +%s) - START) ))
+if "$PY" -c "import denoising_diffusion_pytorch" 2>/dev/null && { [ -n "${TINY:-}" ] || [ "$LEFT" -gt 90 ]; }; then
+  LUC_ARGS=()
+  for a in "${PEER_ARGS[@]}"; do [ "$a" = --no-tuned ] || LUC_ARGS+=("$a"); done  # a diffusers-only flag
+  stage peer_lucidrains $(( LEFT > 60 ? LEFT - 30 : 60 )) "$PY" benchmarks/peer_lucidrains.py --preset cifar10 \
+    --device "$DEVICE" --json-out "$OUT/lucidrains.json" "${LUC_ARGS[@]}"
+else
+  echo "{\"stage\": \"peer_lucidrains\", \"skipped\": \"not installed or only ${LEFT}s left\"}" | tee -a "$CLI"
 fi
 if [ -n "${TINY:-}" ] || [ "$(( TOTAL - ($(date +%s) - START) ))" -gt 40 ]; then
   stage bench_cli 40 "$PY" -m ddpmctl bench --preset shapes --device "$DEVICE" --json "${BENCH_ARGS[@]}"
