@@ -73,17 +73,17 @@ def emit(e: dict) -> None:
         log(("warning: " if e.get("event") == "warning" else "  ") + e["message"])
 
 
-def diffusers_flops(cfg: dict) -> dict[str, int]:
-    from diffusers import UNet2DModel
-
-    n, size, ch = 2, cfg["sample_size"], cfg["in_channels"]
+def network_flops(make_net, channels: int, size: int, output=lambda y: y) -> dict[str, int]:
+    """FLOPs per image of a peer's network (built by ``make_net`` on the meta device) for the training
+    loss's forward + backward and for one forward pass, as bench counts ddpmctl's; and its parameters."""
+    n = 2
     with torch.device("meta"):
-        net = UNet2DModel(**cfg)
-        x = torch.empty(n, ch, size, size)
+        net = make_net()
+        x = torch.empty(n, channels, size, size)
         t = torch.zeros(n, dtype=torch.long)
 
     def train() -> None:
-        F.mse_loss(net(x, t).sample.float(), x.float()).backward()
+        F.mse_loss(output(net(x, t)).float(), x.float()).backward()
 
     def forward() -> None:
         with torch.no_grad():
@@ -91,6 +91,13 @@ def diffusers_flops(cfg: dict) -> dict[str, int]:
 
     return {"train": bench.count_flops(train) // n, "forward": bench.count_flops(forward) // n,
             "parameters": sum(p.numel() for p in net.parameters())}
+
+
+def diffusers_flops(cfg: dict) -> dict[str, int]:
+    from diffusers import UNet2DModel
+
+    return network_flops(lambda: UNet2DModel(**cfg), cfg["in_channels"], cfg["sample_size"],
+                         output=lambda y: y.sample)
 
 
 def diffusers_train_step(cfg: dict, device: torch.device, batch: int, *, tuned: bool, bf16: bool):
@@ -177,6 +184,28 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
+def add_timing_args(p: argparse.ArgumentParser) -> None:
+    """The batch, window and interleaving options every peer script shares."""
+    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the preset's)")
+    p.add_argument("--sample-batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
+    p.add_argument("--steps", type=int, default=None, help="timed training steps per repeat")
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--sample-steps", type=int, default=None, help="timed denoising steps per repeat")
+    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
+                   help="alternate the contestants window by window (default: on for CPU, where other load drifts)")
+
+
+def timing_defaults(args, device: torch.device) -> dict:
+    """Fills the unset timing options with bench's defaults for the device; returns those defaults."""
+    d = bench.DEFAULTS.get(device.type, bench.DEFAULTS["cpu"])
+    args.steps = args.steps or d["steps"]
+    args.warmup = d["warmup"] if args.warmup is None else args.warmup
+    args.repeats = args.repeats or d["repeats"]
+    args.sample_steps = args.sample_steps or d["sample_steps"]
+    return d
+
+
 def compare_train(builders: dict, batch: int, device: torch.device, args, interleave: bool) -> dict:
     """name -> bench.measure_train result. One after the other (each built, measured and freed alone:
     its peak memory is its own), or interleaved window by window (a shared, busy CPU drifts; every
@@ -240,14 +269,7 @@ def main() -> int:
     p.add_argument("--diffusers-precision", default=None, choices=["fp32", "bf16"],
                    help="diffusers' precision when it should differ from ddpmctl's, e.g. fp32 (its example's "
                         "default, mixed_precision 'no') against ddpmctl's auto: defaults against defaults")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the preset's)")
-    p.add_argument("--sample-batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per repeat")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--sample-steps", type=int, default=None, help="timed denoising steps per repeat")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                   help="alternate the contestants window by window (default: on for CPU, where other load drifts)")
+    add_timing_args(p)
     p.add_argument("--no-tuned", action="store_true", help="skip the channels_last + fused AdamW diffusers run")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile for ddpmctl (default: its own default, on for CUDA only)")
@@ -259,11 +281,7 @@ def main() -> int:
     import diffusers
 
     device = choose_device(args.device)
-    d = bench.DEFAULTS.get(device.type, bench.DEFAULTS["cpu"])
-    args.steps = args.steps or d["steps"]
-    args.warmup = d["warmup"] if args.warmup is None else args.warmup
-    args.repeats = args.repeats or d["repeats"]
-    args.sample_steps = args.sample_steps or d["sample_steps"]
+    d = timing_defaults(args, device)
     cfg = DIFFUSERS_MODELS[args.preset]
     results: dict = {"preset": args.preset, "device": describe(device), "torch": torch.__version__,
                      "diffusers_version": diffusers.__version__, "args": {k: str(v) for k, v in vars(args).items()}}

@@ -56,21 +56,8 @@ def _diffusion(cfg: dict, device: torch.device):
 def lucidrains_flops(cfg: dict) -> dict[str, int]:
     from denoising_diffusion_pytorch import Unet
 
-    n, size, ch = 2, cfg["image_size"], cfg["channels"]
-    with torch.device("meta"):
-        net = Unet(dim=cfg["dim"], dim_mults=cfg["dim_mults"], channels=ch)
-        x = torch.empty(n, ch, size, size)
-        t = torch.zeros(n, dtype=torch.long)
-
-    def train() -> None:
-        torch.nn.functional.mse_loss(net(x, t).float(), x.float()).backward()
-
-    def forward() -> None:
-        with torch.no_grad():
-            net(x, t)
-
-    return {"train": bench.count_flops(train) // n, "forward": bench.count_flops(forward) // n,
-            "parameters": sum(p.numel() for p in net.parameters())}
+    return peer.network_flops(lambda: Unet(dim=cfg["dim"], dim_mults=cfg["dim_mults"], channels=cfg["channels"]),
+                              cfg["channels"], cfg["image_size"])
 
 
 def lucidrains_train_step(cfg: dict, device: torch.device, batch: int, *, bf16: bool):
@@ -131,14 +118,7 @@ def main() -> int:
     p.add_argument("--lucidrains-precision", default=None, choices=["fp32", "bf16"],
                    help="the peer's precision when it should differ, e.g. fp32 (its Trainer's default, amp=False) "
                         "against ddpmctl's auto: defaults against defaults")
-    p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the preset's)")
-    p.add_argument("--sample-batch-size", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="timed training steps per repeat")
-    p.add_argument("--warmup", type=int, default=None)
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--sample-steps", type=int, default=None, help="timed denoising steps per repeat")
-    p.add_argument("--interleave", action=argparse.BooleanOptionalAction, default=None,
-                   help="alternate the contestants window by window (default: on for CPU)")
+    peer.add_timing_args(p)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile for ddpmctl (default: its own default, on for CUDA only)")
     p.add_argument("--json-out", type=Path, default=None)
@@ -147,11 +127,7 @@ def main() -> int:
     import denoising_diffusion_pytorch
 
     device = choose_device(args.device)
-    d = bench.DEFAULTS.get(device.type, bench.DEFAULTS["cpu"])
-    args.steps = args.steps or d["steps"]
-    args.warmup = d["warmup"] if args.warmup is None else args.warmup
-    args.repeats = args.repeats or d["repeats"]
-    args.sample_steps = args.sample_steps or d["sample_steps"]
+    d = peer.timing_defaults(args, device)
     interleave = device.type == "cpu" if args.interleave is None else args.interleave
     cfg = LUCIDRAINS_MODELS[args.preset]
     spec = bench.resolve_spec(args.preset, device, args.batch_size, args.precision)
