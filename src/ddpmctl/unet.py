@@ -28,6 +28,45 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+class Dropout(nn.Module):
+    """nn.Dropout with a cheaper mask on the CPU, the same elsewhere.
+
+    PyTorch's CPU dropout draws one Bernoulli per element from the serial Mersenne twister (~6 ns
+    each): 6-10% of an mnist training step. Here each element takes 16 random bits instead: one
+    full-range 64-bit draw covers four elements, and an element is kept when its 16 bits, as an
+    int16, are >= round(p * 65536) - 32768. So p is used to the nearest 1/65536 (0.1 -> 0.100006),
+    and kept elements are scaled by 1 / (1 - that p): unbiased, like nn.Dropout. The mask comes from
+    torch's default CPU generator, so seeding and checkpointed RNG state make it reproducible. Under
+    torch.compile, and off the CPU, this is F.dropout.
+    """
+
+    def __init__(self, p: float):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+        self.p = p
+        self.drop16 = round(p * 65536)  # elements out of 65536 dropped
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0.0:
+            return h
+        if h.device.type != "cpu" or torch.compiler.is_compiling():
+            return F.dropout(h, self.p, training=True)
+        return h * cpu_keep_mask(h.shape, self.drop16, h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def cpu_keep_mask(shape: torch.Size | tuple[int, ...], drop16: int, dtype: torch.dtype) -> torch.Tensor:
+    """A CPU tensor of ``shape``: 0 with probability drop16 / 65536, else 65536 / (65536 - drop16)."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # all 64 bits random
+    bits = words.view(torch.int16)[:n].view(shape)
+    mask = (bits >= drop16 - 32768).to(dtype)
+    return mask.mul_(65536.0 / (65536 - drop16))
+
+
 class ResBlock(nn.Module):
     """GN-SiLU-conv, then adaptive GN (time scale/shift)-SiLU-dropout-conv, plus a skip."""
 
@@ -37,7 +76,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         self.emb = nn.Linear(emb_dim, 2 * out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, affine=False)
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
         nn.init.zeros_(self.conv2.bias)
