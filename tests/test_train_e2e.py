@@ -60,6 +60,29 @@ def test_resume_continues_from_newest(trained, cli, tmp_path):
     assert steps == sorted(steps) and steps[-1] == 16
 
 
+def test_resume_in_another_precision_says_so_and_records_it(trained, cli, tmp_path):
+    """Each checkpoint records the precision it was trained in; resuming in another (here asked with
+    `resume --precision`, or `auto` on a different machine) warns that the run is no longer bitwise
+    an uninterrupted one, and says how to keep the old precision."""
+    import shutil
+
+    base, _, env = trained
+    run_dir = tmp_path / "run"
+    shutil.copytree(base / "runs" / "tiny", run_dir)
+    was = json.loads((run_dir / "checkpoints" / "step_00000012" / "state.json").read_text())["precision"]
+    other = "fp32" if was == "bf16" else "bf16"
+    r = cli("resume", str(run_dir), "--max-steps", "14", "--precision", other, env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"trained in {was} until step 12, continuing in {other}" in r.stderr
+    assert f"--precision {was}` keeps it" in r.stderr
+    state = json.loads((run_dir / "checkpoints" / "step_00000014" / "state.json").read_text())
+    assert state["precision"] == other and S.load(run_dir / "spec.json").train.precision == other
+    r = cli("resume", str(run_dir), "--max-steps", "15", env=env)  # the run's precision now: no warning
+    assert r.returncode == 0 and "trained in" not in r.stderr, r.stderr
+    r = cli("resume", str(run_dir), "--max-steps", "16", "--precision", "fp8", env=env)
+    assert r.returncode == 2 and "precision" in r.stderr
+
+
 def test_resume_with_smaller_total_is_an_error(trained, cli, tmp_path):
     import shutil
 

@@ -313,6 +313,11 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             if ckpt.state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
                 warn(f"the data now gives {steps_per_epoch} steps per epoch, {ckpt.state['steps_per_epoch']} when "
                      "the checkpoint was written: the data order differs from an uninterrupted run")
+            was = ckpt.state.get("precision")
+            if was is not None and was != precision.name:
+                warn(f"trained in {was} until step {c.step}, continuing in {precision.name} (--precision "
+                     f"{tr.precision} on {describe(device)}): not bitwise an uninterrupted run; "
+                     f"`ddpmctl resume {run_dir} --precision {was}` keeps it")
             emit({"event": "resume", "checkpoint": str(ckpt.path), "step": c.step})
         if main:
             c.metrics_bytes = _truncate_metrics(metrics_path,
@@ -352,7 +357,8 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                  "optimizer": opt_meta, "skipped_steps": c.skipped, "rollbacks": c.rollbacks,
                  "lr_scale": c.lr_scale, "last_loss": c.last_loss, "total_steps": total_steps,
                  "steps_per_epoch": steps_per_epoch, "window_steps": c.window_steps, "window": stats.state_dict(),
-                 "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed}
+                 "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed,
+                 "precision": precision.name}
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         replicas = check_replicas() if dist.distributed else None

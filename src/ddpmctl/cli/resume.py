@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, app
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app
 from ddpmctl.cli.train import NprocOpt, join_job, launch_workers, run_training
 
 
@@ -18,6 +18,7 @@ def resume(
     epochs: Annotated[Optional[int], typer.Option(help="New total number of epochs for the run.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="New total number of optimizer steps.")] = None,
     device: DeviceOpt = None,
+    precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP + " Default: the run's.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root.")] = None,
     nproc: NprocOpt = None,
     as_json: JsonOpt = False,
@@ -50,6 +51,8 @@ def resume(
             data["train"]["max_steps"] = max_steps
         if device is not None:
             data["train"]["device"] = device
+        if precision is not None:
+            data["train"]["precision"] = precision
         new = specmod.validate(data)
         if new != spec:
             if epochs is not None or max_steps is not None:
