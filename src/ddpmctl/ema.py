@@ -36,6 +36,10 @@ class EMA:
         current = [params[n].detach().float() for n in self._names]
         if weight_scale is None:
             torch._foreach_lerp_(shadow, current, 1.0 - d)
+        elif weight_scale.device.type == "cpu":
+            # One lerp pass instead of three (sub, mul, add): 1.5 vs 7.0 ms for the mnist preset's 7M
+            # parameters on the CPU, where reading the scale costs nothing (on CUDA it would sync).
+            torch._foreach_lerp_(shadow, current, float(weight_scale) * (1.0 - d))
         else:
             delta = torch._foreach_sub(current, shadow)
             torch._foreach_mul_(delta, weight_scale * (1.0 - d))
