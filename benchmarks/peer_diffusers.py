@@ -26,6 +26,7 @@ Prints a table with both and the ratios (ddpmctl / diffusers; for sampling, imag
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import statistics
@@ -184,8 +185,15 @@ def ratio(a, b):
     return None if a is None or b is None or b == 0 else a / b
 
 
-def add_timing_args(p: argparse.ArgumentParser) -> None:
-    """The batch, window and interleaving options every peer script shares."""
+def add_common_args(p: argparse.ArgumentParser) -> None:
+    """The device, precision, batch, window, interleaving, compile and output options every peer
+    script shares (each adds its preset choices and its peer's own precision option)."""
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="both contestants (auto: ddpmctl's default for the device)")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile for ddpmctl (default: its own default, on for CUDA only)")
+    p.add_argument("--json-out", type=Path, default=None, help="write the results here")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default: the preset's)")
     p.add_argument("--sample-batch-size", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per repeat")
@@ -196,14 +204,39 @@ def add_timing_args(p: argparse.ArgumentParser) -> None:
                    help="alternate the contestants window by window (default: on for CPU, where other load drifts)")
 
 
-def timing_defaults(args, device: torch.device) -> dict:
-    """Fills the unset timing options with bench's defaults for the device; returns those defaults."""
+@dataclasses.dataclass
+class Run:
+    """What both contestants share, resolved from the common options (:func:`resolve_run`)."""
+
+    device: torch.device
+    spec: object  # ddpmctl's RunSpec for the preset
+    prec: object  # ddpmctl's Precision
+    bf16: bool  # the peer runs bf16
+    batch: int
+    sample_batch: int
+    interleave: bool
+    ours_flops: dict
+    n_params: int
+
+
+def resolve_run(args, peer_precision: str | None) -> Run:
+    """The device, ddpmctl's spec and precision, the peer's precision (``peer_precision``, else
+    ddpmctl's), batches and interleaving; fills the unset timing options with bench's defaults."""
+    device = choose_device(args.device)
     d = bench.DEFAULTS.get(device.type, bench.DEFAULTS["cpu"])
     args.steps = args.steps or d["steps"]
     args.warmup = d["warmup"] if args.warmup is None else args.warmup
     args.repeats = args.repeats or d["repeats"]
     args.sample_steps = args.sample_steps or d["sample_steps"]
-    return d
+    spec = bench.resolve_spec(args.preset, device, args.batch_size, args.precision)
+    prec = choose_precision(args.precision, device)
+    batch = spec.train.batch_size
+    with torch.device("meta"):
+        n_params = count_parameters(build(spec.model))
+    return Run(device=device, spec=spec, prec=prec, bf16=(peer_precision or prec.name) == "bf16", batch=batch,
+               sample_batch=args.sample_batch_size or d["sample_batch_size"] or batch,
+               interleave=device.type == "cpu" if args.interleave is None else args.interleave,
+               ours_flops=bench.model_flops_per_image(spec), n_params=n_params)
 
 
 def compare_train(builders: dict, batch: int, device: torch.device, args, interleave: bool) -> dict:
@@ -262,26 +295,21 @@ def compare_sample(builders: dict, batch: int, device: torch.device, args, inter
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cifar10", choices=sorted(DIFFUSERS_MODELS))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="both contestants (auto: ddpmctl's default for the device); diffusers runs bf16 as "
-                        "its example does, autocast for training and bf16 weights for sampling")
+    add_common_args(p)
     p.add_argument("--diffusers-precision", default=None, choices=["fp32", "bf16"],
                    help="diffusers' precision when it should differ from ddpmctl's, e.g. fp32 (its example's "
-                        "default, mixed_precision 'no') against ddpmctl's auto: defaults against defaults")
-    add_timing_args(p)
+                        "default, mixed_precision 'no') against ddpmctl's auto: defaults against defaults; bf16 "
+                        "runs as its example does, autocast for training and bf16 weights for sampling")
     p.add_argument("--no-tuned", action="store_true", help="skip the channels_last + fused AdamW diffusers run")
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile for ddpmctl (default: its own default, on for CUDA only)")
     p.add_argument("--no-sample-compile", action="store_true",
                    help="sample ddpmctl without torch.compile (bf16 + CUDA graph only): saves the compile time")
-    p.add_argument("--json-out", type=Path, default=None, help="write the results here (updated after each part)")
     args = p.parse_args()
 
     import diffusers
 
-    device = choose_device(args.device)
-    d = timing_defaults(args, device)
+    run = resolve_run(args, args.diffusers_precision)
+    device, spec, prec, bf16, batch = run.device, run.spec, run.prec, run.bf16, run.batch
+    sample_batch, interleave, ours_flops, n_params = run.sample_batch, run.interleave, run.ours_flops, run.n_params
     cfg = DIFFUSERS_MODELS[args.preset]
     results: dict = {"preset": args.preset, "device": describe(device), "torch": torch.__version__,
                      "diffusers_version": diffusers.__version__, "args": {k: str(v) for k, v in vars(args).items()}}
@@ -291,16 +319,8 @@ def main() -> int:
             args.json_out.write_text(json.dumps(results, indent=1, default=str))
 
     t0 = time.perf_counter()
-    interleave = device.type == "cpu" if args.interleave is None else args.interleave
     results["interleaved"] = interleave
-    spec = bench.resolve_spec(args.preset, device, args.batch_size, args.precision)
-    prec = choose_precision(args.precision, device)
-    bf16 = (args.diffusers_precision or prec.name) == "bf16"
-    batch = spec.train.batch_size
-    sample_batch = args.sample_batch_size or d["sample_batch_size"] or batch
-    ours_flops, peer_flops = bench.model_flops_per_image(spec), diffusers_flops(cfg)
-    with torch.device("meta"):
-        n_params = count_parameters(build(spec.model))
+    peer_flops = diffusers_flops(cfg)
     ours: dict = {"preset": args.preset, "precision": prec.name, "batch_size": batch, "parameters": n_params,
                   "flops_per_image_train": ours_flops["train"], "flops_per_image_forward": ours_flops["forward"],
                   "sample_batch_size": sample_batch, "warnings": []}

@@ -24,6 +24,7 @@ lucidrains' package is a benchmark extra (`pip install -e '.[bench]'`), never a 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import sys
 import time
@@ -36,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import peer_diffusers as peer  # noqa: E402 - the shared timing harness
 
 from ddpmctl import bench  # noqa: E402
-from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math  # noqa: E402
-from ddpmctl.unet import build, count_parameters  # noqa: E402
+from ddpmctl.devices import describe, set_fast_math  # noqa: E402
 
 LUCIDRAINS_MODELS = {
     "cifar10": dict(dim=64, dim_mults=(1, 2, 4, 8), channels=3, image_size=32),
@@ -112,36 +112,18 @@ def lucidrains_sampler(cfg: dict, device: torch.device, batch: int, *, bf16: boo
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="cifar10", choices=sorted(LUCIDRAINS_MODELS))
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
-                   help="both contestants (auto: ddpmctl's default for the device)")
+    peer.add_common_args(p)
     p.add_argument("--lucidrains-precision", default=None, choices=["fp32", "bf16"],
                    help="the peer's precision when it should differ, e.g. fp32 (its Trainer's default, amp=False) "
                         "against ddpmctl's auto: defaults against defaults")
-    peer.add_timing_args(p)
-    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile for ddpmctl (default: its own default, on for CUDA only)")
-    p.add_argument("--json-out", type=Path, default=None)
     args = p.parse_args()
 
-    import denoising_diffusion_pytorch
-
-    device = choose_device(args.device)
-    d = peer.timing_defaults(args, device)
-    interleave = device.type == "cpu" if args.interleave is None else args.interleave
+    run = peer.resolve_run(args, args.lucidrains_precision)
+    device, spec, prec, bf16, batch = run.device, run.spec, run.prec, run.bf16, run.batch
+    sample_batch, interleave, ours_flops, n_params = run.sample_batch, run.interleave, run.ours_flops, run.n_params
     cfg = LUCIDRAINS_MODELS[args.preset]
-    spec = bench.resolve_spec(args.preset, device, args.batch_size, args.precision)
-    prec = choose_precision(args.precision, device)
-    bf16 = (args.lucidrains_precision or prec.name) == "bf16"
-    batch = spec.train.batch_size
-    sample_batch = args.sample_batch_size or d["sample_batch_size"] or batch
-    ours_flops, theirs_flops = bench.model_flops_per_image(spec), lucidrains_flops(cfg)
-    with torch.device("meta"):
-        n_params = count_parameters(build(spec.model))
-    version = getattr(denoising_diffusion_pytorch, "__version__", None)
-    if version is None:
-        from importlib.metadata import version as _v
-        version = _v("denoising_diffusion_pytorch")
+    theirs_flops = lucidrains_flops(cfg)
+    version = importlib.metadata.version("denoising_diffusion_pytorch")
     t0 = time.perf_counter()
     with bench._restore_global_state():
         set_fast_math(device, device.type == "cpu")

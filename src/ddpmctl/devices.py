@@ -65,11 +65,10 @@ def cpu_has_native_bf16() -> bool:
     """True when this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX) and torch was built
     with oneDNN: its bf16 convolutions then run ~1.7-1.9x faster than fp32 (docs/performance.md);
     elsewhere bf16 would be emulated and slower than fp32."""
-    caps = getattr(torch, "cpu", None)
     try:
         if not torch.backends.mkldnn.is_available():  # a build without oneDNN has no fast bf16 kernels
             return False
-        return bool(caps._is_avx512_bf16_supported() or caps._is_amx_tile_supported())
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except Exception:  # noqa: BLE001 - private probes; missing in some builds: assume emulated
         return False
 

@@ -45,14 +45,13 @@ class Dropout(nn.Module):
         if not 0.0 <= p < 1.0:
             raise ValueError(f"dropout probability must be in [0, 1), got {p}")
         self.p = p
-        self.drop16 = round(p * 65536)  # elements out of 65536 dropped
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if not self.training or self.p == 0.0:
             return h
         if h.device.type != "cpu" or torch.compiler.is_compiling():
             return F.dropout(h, self.p, training=True)
-        return h * cpu_keep_mask(h.shape, self.drop16, h.dtype)
+        return h * cpu_keep_mask(h.shape, round(self.p * 65536), h.dtype)
 
     def extra_repr(self) -> str:
         return f"p={self.p}"
