@@ -365,7 +365,22 @@ def test_celeba_hub_down_and_torchvision_fails(hub, root, monkeypatch):
     with pytest.raises(NetworkError) as exc:
         download("celeba", root=root)
     assert "Hub" in str(exc.value) and "torchvision" in str(exc.value)
+    assert "ddpmctl train ./img_align_celeba/ --preset celeba" in str(exc.value)  # what would help
     assert list_prepared(root) == []
+
+
+def test_celeba_without_gdown_does_not_advise_installing_it(hub, root, monkeypatch):
+    """torchvision says `pip install gdown`, which would not help (Drive's copy is over quota)."""
+    import torchvision.datasets
+
+    def needs_gdown(*a, **k):
+        raise RuntimeError("To download files from GDrive, 'gdown' is required. You can install it with 'pip install gdown'.")
+
+    monkeypatch.setattr(torchvision.datasets, "CelebA", needs_gdown)
+    with pytest.raises(NetworkError) as exc:
+        download("celeba", root=root)
+    assert "pip install gdown" not in str(exc.value) and "Google Drive" in str(exc.value)
+    assert "DDPMCTL_DATA" in str(exc.value)
 
 
 # ----------------------------------------------------------------------------- torchvision format (MNIST files on disk)

@@ -28,8 +28,8 @@ SETS = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolut
         "model.base_channels=16", "model.num_res_blocks=1", "model.groups=8", "model.head_channels=16",
         "model.time_embed_dim=32", "sample.grid_size=2", "sample.steps=2", "train.sample_every=1000",
         "train.log_every=1", "optim.warmup_steps=0"]
-# fp32: these tests compare a 2-rank job with one process to 1e-6, which bf16 rounding (the auto
-# precision on CPUs with native bf16) would swamp; the precision itself is tested in test_bench.py.
+# fp32: these tests compare a 2-rank job with one process to float32 rounding, which bf16 rounding (the
+# auto precision on CPUs with native bf16) would swamp; the precision itself is tested in test_bench.py.
 TRAIN = ["--preset", "shapes", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
          *[a for s in SETS for a in ("--set", s)]]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -72,6 +72,19 @@ def _wait_for_line(path: Path, proc: subprocess.Popen, timeout: float = 120) -> 
 
 def _weights(run: Path, step: int, part: str = "model") -> dict[str, torch.Tensor]:
     return load_file(run / "checkpoints" / f"step_{step:08d}" / f"{part}.safetensors")
+
+
+def _reorder_tolerance(run: Path, steps: int) -> float:
+    """How far float32 summation order may move a weight in ``steps`` AdamW steps of ``run``.
+
+    A 2-rank job and one process sum the same float32 gradients in different orders (two backward
+    passes over half the batch and an all-reduce, against one backward pass over all of it), so they
+    differ by rounding. AdamW makes that visible where |g| is near its eps (1e-8): there the update is
+    about lr * g / eps, so a rounding error of 1e-11 in g moves the weight by ~1e-3 * lr. Measured:
+    1.03e-6 after two steps at lr 1e-3 with torch 2.14's AVX2 kernels, under 1e-6 with AVX-512
+    (issue 18). The tolerance is 1e-2 * lr per step; a real fault (a rank's rows missing, an update
+    skipped on one rank) moves weights by ~lr per step."""
+    return 1e-2 * json.loads((run / "spec.json").read_text())["optim"]["lr"] * steps
 
 
 def _max_diff(a: dict, b: dict) -> float:
@@ -122,9 +135,12 @@ def test_two_ranks_train_like_one_process_and_write_once(cli, images):
     assert json.loads(two.stdout)["steps"] == 6  # one JSON object: only rank 0 prints
     assert "Traceback" not in two.stderr and two.stderr.count("run dir two") == 1
 
+    # An unaveraged gradient would hide from AdamW's scale invariance: the loss and gradient-norm
+    # checks below catch that.
     for step in (2, 4, 6):
-        assert _max_diff(_weights(Path("two"), step), _weights(Path("one"), step)) < 1e-6
-        assert _max_diff(_weights(Path("two"), step, "ema"), _weights(Path("one"), step, "ema")) < 1e-6
+        tol = _reorder_tolerance(Path("one"), step)
+        assert _max_diff(_weights(Path("two"), step), _weights(Path("one"), step)) < tol
+        assert _max_diff(_weights(Path("two"), step, "ema"), _weights(Path("one"), step, "ema")) < tol
         ranks = json.loads((Path("two") / "checkpoints" / f"step_{step:08d}" / "state.json").read_text())["ranks"]
         assert ranks["world_size"] == 2 and len(ranks["fingerprints"]) == 2
         assert ranks["fingerprints"][0] == ranks["fingerprints"][1]
@@ -161,7 +177,7 @@ def test_sigterm_stops_every_rank_with_one_checkpoint_then_one_rank_resumes(cli,
     assert res.returncode == 0, res.stderr
     ref = cli("train", *[a if a != str(total) else str(more) for a in args], "--out", "one", env=ENV, timeout=300)
     assert ref.returncode == 0, ref.stderr
-    assert _max_diff(_weights(Path("two"), more), _weights(Path("one"), more)) < 1e-5
+    assert _max_diff(_weights(Path("two"), more), _weights(Path("one"), more)) < _reorder_tolerance(Path("one"), more)
     steps = [json.loads(x)["step"] for x in (Path("two") / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, more + 1))
 
@@ -203,16 +219,20 @@ def test_sample_nproc_writes_what_one_process_writes(cli, images):
 
 
 def test_ranks_skip_and_roll_back_together(cli, images):
-    """lr = 1.0 drives the tiny U-Net to NaN: both ranks skip the same steps, roll back together to
-    the same checkpoint and end with identical, finite weights."""
+    """NaN forward passes on rank 1 only (steps 2 and 7-16, injected through torch's module hook by
+    tests/faults/sitecustomize.py): both ranks skip the same steps, roll back together to the same
+    checkpoint and end with identical, finite weights."""
+    tests = Path(__file__).parent
+    faults = {"PYTHONPATH": os.pathsep.join([str(tests / "faults"), str(tests), os.environ.get("PYTHONPATH", "")]),
+              "DDPMCTL_TEST_NAN_CALLS": "2,7-16", "DDPMCTL_TEST_NAN_RANK": "1"}
     r = cli("train", str(images), *TRAIN, "--max-steps", "40", "--checkpoint-every", "2", "--nproc", "2",
-            "--set", "optim.lr=1.0", "--set", "optim.weight_decay=0", "--set", "train.rollback_after=10",
-            "--set", "train.max_rollbacks=3", "--out", "two", "--json", env=ENV, timeout=300)
+            "--set", "train.rollback_after=10", "--set", "train.max_rollbacks=3", "--out", "two", "--json",
+            env={**ENV, **faults}, timeout=300)
     assert r.returncode == 0, r.stderr
     result = json.loads(r.stdout)
-    assert result["steps"] == 40 and result["skipped_steps"] >= 10 and result["rollbacks"] >= 1
+    assert result["steps"] == 40 and result["skipped_steps"] == 11 and result["rollbacks"] == 1
     recs = [json.loads(x) for x in (Path("two") / "metrics.jsonl").read_text().splitlines()]
-    assert len([x for x in recs if x.get("event") == "rollback"]) == result["rollbacks"]  # written once
+    assert [(x["step"], x["streak_from"]) for x in recs if x.get("event") == "rollback"] == [(16, 7)]  # once
     state = json.loads((Path("two") / "checkpoints" / "step_00000040" / "state.json").read_text())
     assert state["ranks"]["fingerprints"][0] == state["ranks"]["fingerprints"][1]
     assert all(torch.isfinite(t).all() for t in _weights(Path("two"), 40).values())

@@ -4,8 +4,8 @@ One uninterrupted reference run, then one chain of processes over a second run d
 SIGKILLed at random steps, mid-checkpoint-write and between publishing a checkpoint and naming it
 NEWEST, stopped with SIGTERM, SIGINT and a double SIGINT, and whose newest checkpoint is truncated,
 flipped and stripped of a file between resumes. The chain's final model and EMA (and milestones and
-metrics) must be bitwise identical to the reference. Then a real divergence (an absurd learning
-rate), the lock, the pre-flight checks, non-finite sampling, and user mistakes as messages.
+metrics) must be bitwise identical to the reference. Then a divergence (NaN forward passes injected
+at chosen steps through torch's module hook), the lock, the pre-flight checks, non-finite sampling, and user mistakes as messages.
 
 Subprocesses run with OMP_NUM_THREADS=1: bitwise equality needs the same thread count in every
 process, and one thread is also much faster than two on a busy 2-core machine.
@@ -32,13 +32,14 @@ from ddpmctl import spec as S
 from ddpmctl.errors import CheckpointError, NonFiniteError, UsageError
 from ddpmctl.images import save_png
 from ddpmctl.train import run
+from nan_injection import nan_forward
 
 STEPS = 40  # 16 images, batch 4: 4 steps per epoch; checkpoints at multiples of 3 and at epoch ends
 SETS = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolutions=[4]",
         "model.base_channels=16", "model.num_res_blocks=1", "model.dropout=0.1", "model.groups=8",
         "model.head_channels=16", "model.time_embed_dim=32", "sample.grid_size=2", "sample.steps=2",
         "train.sample_every=3", "train.log_every=1", "train.keep_last=3",
-        "diffusion.prediction=eps"]  # the scenarios below (lr = 1.0 diverging, rollbacks) were tuned for eps
+        "diffusion.prediction=eps"]  # eps, as the chain was written with; divergence comes from nan_injection.py
 ARGS = ["--preset", "shapes", "--batch-size", "4", "--checkpoint-every", "3", "--max-steps", str(STEPS),
         *[a for s in SETS for a in ("--set", s)]]
 RECORD_KEYS = ("step", "loss", "grad_norm", "lr", "skipped")
@@ -277,36 +278,35 @@ def _spec(images: Path, steps: int, *extra: str, **train) -> S.RunSpec:
 
 
 def test_divergence_skips_rolls_back_and_ends_finite(tmp_path, one_thread):
-    """lr = 1.0 drives the tiny U-Net to NaN losses within ten steps: those steps are skipped, a
-    streak rolls back with a smaller learning rate, and training ends with finite weights."""
+    """One NaN step is skipped; ten in a row (steps 5-14) roll back to the checkpoint before the
+    streak with half the learning rate; training then ends at step 40 with finite weights."""
     images = _make_images(tmp_path / "images")
-    spec = _spec(images, 40, "optim.lr=1.0", "optim.warmup_steps=0", "optim.weight_decay=0",
-                 "train.rollback_after=10", "train.max_rollbacks=3", "optim.lr_backoff=0.5",
-                 "train.sample_every=1000", "train.precision=fp32")  # tuned in fp32 (bf16 diverges otherwise)
+    spec = _spec(images, 40, "optim.warmup_steps=0", "train.rollback_after=10", "train.max_rollbacks=3",
+                 "optim.lr_backoff=0.5", "train.sample_every=1000", "train.precision=fp32")
     events: list[dict] = []
-    result = run(spec, tmp_path / "run", on_event=events.append)
-    assert result.steps == 40 and result.skipped_steps >= 10
-    assert 1 <= result.rollbacks <= 3 and result.lr_scale == 0.5 ** result.rollbacks
+    with nan_forward({2, *range(5, 15)}):
+        result = run(spec, tmp_path / "run", on_event=events.append)
+    assert result.steps == 40 and result.skipped_steps == 11
+    assert result.rollbacks == 1 and result.lr_scale == 0.5
     recs = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     rollbacks = [r for r in recs if r.get("event") == "rollback"]
-    assert len(rollbacks) == result.rollbacks
+    assert [(r["step"], r["streak_from"]) for r in rollbacks] == [(14, 5)]
     assert all(r["to_step"] < r["streak_from"] - 1 for r in rollbacks)  # weights from before the streak
-    assert any(r.get("skipped") for r in recs) and any(e["event"] == "rollback" for e in events)
-    assert [r["lr"] for r in recs if "lr" in r][-1] == pytest.approx(1.0 * result.lr_scale)
+    assert [r["step"] for r in recs if r.get("skipped")][:1] == [2] and any(e["event"] == "rollback" for e in events)
+    assert [r["lr"] for r in recs if "lr" in r][-1] == pytest.approx(spec.optim.lr * 0.5)
     newest = ck.find_newest(tmp_path / "run")
-    assert newest.step == 40 and newest.state["rollbacks"] == result.rollbacks
+    assert newest.step == 40 and newest.state["rollbacks"] == 1
     for name in ("model", "ema"):
         assert all(torch.isfinite(t).all() for t in newest.tensors(name).values())
 
 
 def test_divergence_without_rollbacks_left_is_an_error_naming_the_step(tmp_path, one_thread):
     images = _make_images(tmp_path / "images")
-    spec = _spec(images, 40, "optim.lr=1.0", "optim.warmup_steps=0", "optim.weight_decay=0",
-                 "train.rollback_after=5", "train.max_rollbacks=0", "train.sample_every=1000",
-                 "train.precision=fp32")
-    with pytest.raises(NonFiniteError, match=r"5 non-finite steps in a row at step \d+"):
+    spec = _spec(images, 40, "optim.warmup_steps=0", "train.rollback_after=5", "train.max_rollbacks=0",
+                 "train.sample_every=1000", "train.precision=fp32")
+    with nan_forward("5-"), pytest.raises(NonFiniteError, match=r"5 non-finite steps in a row at step 9\b"):
         run(spec, tmp_path / "run")
-    ck.find_newest(tmp_path / "run")  # the last good checkpoint is intact
+    assert ck.find_newest(tmp_path / "run").step == 4  # the last good checkpoint is intact
 
 
 def test_nonfinite_sample_grid_names_the_training_step(tmp_path, one_thread):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 
 import torch
@@ -61,16 +62,37 @@ class Precision:
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
+# ONEDNN_MAX_CPU_ISA values whose instruction set multiplies bf16 in hardware (oneDNN's names:
+# AVX512_CORE_BF16, AVX512_CORE_FP16, AVX512_CORE_AMX*, AVX10_1_512*; ALL/DEFAULT: no cap).
+_BF16_ISA_MARKS = ("BF16", "FP16", "AMX", "AVX10", "ALL", "DEFAULT")
+
+
+def cpu_isa_allows_bf16() -> bool:
+    """False when PyTorch or oneDNN was told to use an instruction set without bf16 arithmetic
+    (``ATEN_CPU_CAPABILITY=avx2``, ``ONEDNN_MAX_CPU_ISA=AVX2``: how one runs as an older CPU
+    would, e.g. the test suite's second pass in .ci/run); bf16 would then be emulated."""
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "").strip().upper()
+    if isa and not any(mark in isa for mark in _BF16_ISA_MARKS):
+        return False
+    try:
+        return "AVX512" in torch.backends.cpu.get_cpu_capability().upper()
+    except Exception:  # noqa: BLE001 - older builds lack the probe: trust the CPU flags
+        return True
+
+
 def cpu_has_native_bf16() -> bool:
-    """True when this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX) and torch was built
-    with oneDNN: its bf16 convolutions then run ~1.7-1.9x faster than fp32 (docs/performance.md);
-    elsewhere bf16 would be emulated and slower than fp32."""
+    """True when this CPU multiplies bfloat16 in hardware (x86 AVX512-BF16 or AMX), torch was built
+    with oneDNN and no ISA cap (:func:`cpu_isa_allows_bf16`) forbids it: its bf16 convolutions then
+    run ~1.7-1.9x faster than fp32 (docs/performance.md); elsewhere bf16 would be emulated and slower
+    than fp32."""
     try:
         if not torch.backends.mkldnn.is_available():  # a build without oneDNN has no fast bf16 kernels
             return False
-        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        if not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+            return False
     except Exception:  # noqa: BLE001 - private probes; missing in some builds: assume emulated
         return False
+    return cpu_isa_allows_bf16()
 
 
 def auto_precision_name(device: torch.device) -> str:

@@ -317,8 +317,11 @@ def _celeba_torchvision(w: PreparedWriter, root: Path, splits: list[str], pp: Pr
         try:
             paths = torchvision_celeba_paths(raw, sp)
         except NetworkError as exc:
-            raise NetworkError(f"could not download celeba from the Hub ({hub_error}) nor with torchvision ({exc}); "
-                               "check your connection and run the same command again") from exc
+            raise NetworkError(
+                f"could not download celeba from the Hub ({hub_error}) nor with torchvision ({exc}). "
+                "With a local copy of the images: `ddpmctl train ./img_align_celeba/ --preset celeba`; or run "
+                "`ddpmctl download celeba` on a connected machine and copy its data root (DDPMCTL_DATA) here"
+            ) from exc
         pp, sk = _decode_split(w, sp, len(paths), ((p.name, str(p)) for p in paths), pp, on_event, Skipped(),
                                f"torchvision CelebA {sp}")
         skipped[sp] = sk.to_info()

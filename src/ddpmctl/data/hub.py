@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,10 +129,17 @@ def fetch_hub(repo: str, revision: str | None, cache: Path, *, splits: list[str]
     import huggingface_hub
 
     emit = emitter(on_event)
+    emit({"event": "message", "message": f"asking the Hugging Face Hub for {hf_source(repo)} (without a connection "
+                                         "its client retries for about 40 s before giving up)"})
+    hf_log = logging.getLogger("huggingface_hub")
+    level = hf_log.level
+    hf_log.setLevel(logging.ERROR)  # its "Retrying in 8s [Retry 5/5]" lines: the message above says it
     try:
         names = huggingface_hub.list_repo_files(repo, repo_type="dataset", revision=revision)
     except Exception as exc:
         raise _hub_errors(repo, revision, exc) from exc
+    finally:
+        hf_log.setLevel(level)
     parquet = [n for n in names if n.lower().endswith(".parquet")]
     images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     kind, chosen = ("parquet", parquet) if parquet else ("images", images)

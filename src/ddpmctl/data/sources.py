@@ -163,7 +163,9 @@ def torchvision_celeba_paths(raw: Path, split: str) -> list[Path]:
             ds = tvd.CelebA(str(raw), split="valid" if split == "validation" else split, target_type=[],
                             download=True)
     except Exception as exc:  # gdown missing, quota exceeded, network down...
-        raise NetworkError(f"torchvision could not download CelebA: {str(exc).splitlines()[0] if str(exc) else exc}"
-                           ) from exc
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if "gdown" in first:  # installing gdown would not help: Drive's CelebA copy is rate-limited
+            first = "it downloads from Google Drive, which needs the gdown package and is often over quota"
+        raise NetworkError(f"torchvision could not download CelebA: {first}") from exc
     folder = Path(ds.root) / ds.base_folder / "img_align_celeba"
     return [folder / f for f in ds.filename]
