@@ -87,7 +87,7 @@ def main() -> int:
         return ddpm_sample(fn, sched, randn_per_image(gens, shape, dev), gens, prediction=spec.diffusion.prediction)
 
     with torch.no_grad():
-        ref_x = ddpm(lambda x, t: net(x, t).float())
+        ref_x = ddpm(lambda x, t, cond=None: net(x, t, cond).float())
         res["ddpm_20_steps_rel_err"] = rel(ddpm(make_sample_fn(net, prec, dev, compile=False)), ref_x)
 
     # One training step: compiled vs eager forward, same weights, batch and noise.

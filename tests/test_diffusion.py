@@ -39,7 +39,7 @@ def gaussian_eps_model(s: Schedule, mu: float, sd: float):
     """The exact eps predictor for data x0 ~ N(mu, sd^2 I): E[eps | x_t] = b (x_t - a mu) / (a^2 sd^2 + b^2)."""
     abar = s.float64().alphas_cumprod
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         ab = abar[t].reshape(-1, *([1] * (x.ndim - 1))).to(x.dtype)
         a, b = ab.sqrt(), (1 - ab).sqrt()
         return b * (x - a * mu) / (a * a * sd * sd + b * b)
@@ -192,16 +192,16 @@ def test_training_loss_targets_shape_and_dtype(lin: Schedule) -> None:
     x0, noise = torch.rand(4, 3, 8, 8, generator=g) * 2 - 1, torch.randn(4, 3, 8, 8, generator=g)
     t = _t(0, 10, 500, 999)
     s32 = lin.to("cpu")
-    perfect_eps = training_loss(lambda x, tt: noise, s32, x0, t, noise, "eps")
+    perfect_eps = training_loss(lambda x, tt, cond=None: noise, s32, x0, t, noise, "eps")
     assert perfect_eps.shape == (4,) and float(perfect_eps.abs().max()) == 0.0
     v = training_target(s32, x0, t, noise, "v")
-    assert float(training_loss(lambda x, tt: v, s32, x0, t, noise, "v").abs().max()) == 0.0
+    assert float(training_loss(lambda x, tt, cond=None: v, s32, x0, t, noise, "v").abs().max()) == 0.0
     # bf16 model output (autocast): the loss is still computed and returned in float32.
-    loss = training_loss(lambda x, tt: torch.zeros_like(x, dtype=torch.bfloat16), s32, x0, t, noise, "eps")
+    loss = training_loss(lambda x, tt, cond=None: torch.zeros_like(x, dtype=torch.bfloat16), s32, x0, t, noise, "eps")
     assert loss.dtype == torch.float32
     torch.testing.assert_close(loss, noise.square().flatten(1).mean(1))
     # v-loss with a zero output equals |v|^2, and v differs from eps except at abar = 1.
-    zero_v = training_loss(lambda x, tt: torch.zeros_like(x), s32, x0, t, noise, "v")
+    zero_v = training_loss(lambda x, tt, cond=None: torch.zeros_like(x), s32, x0, t, noise, "v")
     torch.testing.assert_close(zero_v, v.square().flatten(1).mean(1))
 
 
@@ -276,7 +276,7 @@ def test_decoder_term_improves_as_x0_prediction_approaches_data(lin: Schedule) -
     nll = []
     for err in (0.1, 0.02, 0.005, 0.0):
         # a model whose x0 prediction is off by `err` at t = 0
-        model = lambda x, t, err=err: predict_eps_from_x0(lin, x, t, x0 + err)  # noqa: E731
+        model = lambda x, t, cond=None, err=err: predict_eps_from_x0(lin, x, t, x0 + err)  # noqa: E731
         nll.append(float(vb_terms_bpd(model, lin, x0, t0, noise).mean()))
     assert nll == sorted(nll, reverse=True) and nll[0] > nll[-1] + 1
     # perfect x0: -log2 of the mass of the +-1/255 bin under N(x0, beta_tilde_1)

@@ -130,7 +130,7 @@ def test_kid_caps_subset_size_at_sample_count_and_is_seeded():
 def test_bits_per_dim_terms_counts_and_progress():
     s = Schedule.create("cosine", 20)
     images = torch.randint(0, 256, (5, 1, 4, 4), dtype=torch.uint8)
-    zero_eps = lambda x, t: torch.zeros_like(x)  # noqa: E731 - the "predict no noise" model
+    zero_eps = lambda x, t, cond=None: torch.zeros_like(x)  # noqa: E731 - the "predict no noise" model
     events = []
     exact = ev.bits_per_dim(zero_eps, s, images, batch_size=2, on_event=events.append)
     assert exact.n == 5 and exact.evaluated == 20 and exact.exact
@@ -335,8 +335,10 @@ def test_eval_fid_kid_end_to_end(run_dir, random_inception, cli, tmp_path):
     assert fid["n"] == 2 and fid["biased_upward"] and fid["reference"] == {**fid["reference"], "n": 3,
                                                                            "split": "train", "cached": False}
     assert math.isfinite(kid["value"]) and kid["subset_size"] == 2 and kid["subsets"] == 3
-    assert out["sampler"] == "ddim" and out["steps"] == 2 and out["n_samples"] == 2
+    own = json.loads((run_dir / "spec.json").read_text())["sample"]  # no --sampler: the run's own, as `sample`
+    assert out["sampler"] == own["sampler"] and out["eta"] == own["eta"]
+    assert out["steps"] == 2 and out["n_samples"] == 2
     cache = Path(fid["reference"]["cache"])
     assert cache.is_file() and cache.parent == tmp_path / "data-root" / ".cache" / "inception-stats"
     log = ev.read_eval_log(run_dir)[-1]
-    assert log["sampler"] == "ddim" and log["n_samples"] == 2 and log["metrics"]["fid"]["value"] == fid["value"]
+    assert log["sampler"] == own["sampler"] and log["n_samples"] == 2 and log["metrics"]["fid"]["value"] == fid["value"]

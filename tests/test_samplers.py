@@ -37,7 +37,7 @@ def gaussian_model(s: Schedule, sd: float, prediction: str = "eps", mu: torch.Te
     for v, E[v|x_t] = a E[eps|x_t] - b E[x0|x_t] with E[x0|x_t] = mu + a sd^2 (x_t - a mu) / (a^2 sd^2 + b^2)."""
     abar = s.float64().alphas_cumprod
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         assert t.dtype == torch.long and t.shape == (x.shape[0],)
         a, b = _ab(abar, t, x)
         m = mu.to(x)
@@ -55,7 +55,7 @@ def mixture_model(s: Schedule, m: float, sd: float):
     weighted by their responsibilities w_k ∝ N(x_t; a mu_k, a^2 sd^2 + b^2)."""
     abar = s.float64().alphas_cumprod
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         a, b = _ab(abar, t, x)
         var = a * a * sd * sd + b * b
         logits = torch.stack([-((x - a * mk) ** 2) / (2 * var) for mk in (-m, m)])
@@ -383,7 +383,7 @@ def test_an_image_depends_on_its_seed_not_its_batch(lin: Schedule, sampler: str,
 
 
 def _nan_after(t_bad: int):
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         out = torch.zeros_like(x)
         return out + float("nan") if int(t[0]) <= t_bad else out
 
@@ -411,7 +411,7 @@ def test_non_finite_samples_raise_naming_the_step(lin: Schedule, sampler: str, k
 def test_dispatcher_counts_evaluations_clamps_and_calls_back(lin: Schedule) -> None:
     calls = []
 
-    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         calls.append(int(t[0]))
         return -10 * torch.ones_like(x, dtype=torch.bfloat16)  # x0 prediction far outside [-1, 1]
 

@@ -30,9 +30,9 @@ import torch
 
 from ddpmctl.devices import Precision, describe
 from ddpmctl.errors import DdpmctlError
-from ddpmctl.generate import Denoiser, default_steps, generate, run_defaults
+from ddpmctl.generate import Denoiser, generate, run_defaults
 from ddpmctl.images import png_bytes, to_uint8
-from ddpmctl.samplers import SAMPLERS
+from ddpmctl.sampler_registry import SAMPLERS, get_sampler
 
 EXTRA_INSTALL = "pip install 'ddpmctl[demo]'"
 EXTRA_HINT = (f"ddpmctl demo needs the optional 'demo' extra (gradio): {EXTRA_INSTALL} "
@@ -92,7 +92,7 @@ class Refused(ValueError):
 def make_request(sampler: str, steps: Any, seed: Any, n: Any, *, timesteps: int, limits: Limits) -> Request:
     """Validate the page's values; raise :class:`Refused` with a message for the user.
 
-    ddpm always runs all T steps (as ``ddpmctl sample`` does), whatever ``steps`` says. A seed left
+    A sampler that runs all T steps (ddpm) does so whatever ``steps`` says, as ``ddpmctl sample`` does. A seed left
     empty is drawn at random (and shown, like every seed).
     """
     if sampler not in available_samplers(timesteps, limits):
@@ -105,7 +105,7 @@ def make_request(sampler: str, steps: Any, seed: Any, n: Any, *, timesteps: int,
     except (TypeError, ValueError):
         raise Refused(f"steps, seed and number of images must be whole numbers (got {steps!r}, {seed!r}, {n!r})") \
             from None
-    if sampler == "ddpm":
+    if get_sampler(sampler).all_steps:
         steps_i = timesteps
     if not 1 <= steps_i <= timesteps:
         raise Refused(f"steps must be between 1 and T = {timesteps}, got {steps_i}")
@@ -121,8 +121,8 @@ def make_request(sampler: str, steps: Any, seed: Any, n: Any, *, timesteps: int,
 
 
 def available_samplers(timesteps: int, limits: Limits) -> list[str]:
-    """ddim and dpm-solver++ always; ddpm where one image of all T steps fits the work limit."""
-    return [s for s in SAMPLERS if s != "ddpm" or timesteps <= limits.max_work]
+    """Every sampler; one that runs all T steps (ddpm) where one image of all T steps fits the work limit."""
+    return [s for s in SAMPLERS if not get_sampler(s).all_steps or timesteps <= limits.max_work]
 
 
 def random_seed() -> int:
@@ -202,7 +202,7 @@ def stream(den: Denoiser, req: Request, *, device: torch.device, precision: Prec
 def reproduce_command(source: str, req: Request, *, extra: Sequence[str] = ()) -> str:
     """The `ddpmctl sample` command that writes these images (image i -> OUT/00000i.png)."""
     args = ["ddpmctl", "sample", source, "--sampler", req.sampler]
-    if req.sampler != "ddpm":
+    if not get_sampler(req.sampler).all_steps:
         args += ["--steps", str(req.steps)]
     args += ["--seed", str(req.seed), "--n", str(req.n), *extra, "--out", "samples/"]
     return shlex.join(args)
@@ -264,9 +264,12 @@ def build_app(den: Denoiser, *, device: torch.device, precision: Precision | Non
                 yield [], f"**Error:** {exc}", req.seed
 
     def on_sampler(sampler: str):
-        if sampler == "ddpm":
-            return gr.update(value=T, interactive=False)
-        return gr.update(value=default_steps(sampler, T), interactive=True)
+        return gr.update(value=run_defaults(den.spec, sampler)[1], interactive=not get_sampler(sampler).all_steps)
+
+    first, first_steps, _ = run_defaults(den.spec, None)  # the run's spec.sample, as `ddpmctl sample` draws
+    if first not in samplers:
+        first, first_steps, _ = run_defaults(den.spec, samplers[0])
+    fixed = [s for s in samplers if get_sampler(s).all_steps]
 
     # A local demo does not phone home (no gradio telemetry or version check); a long-running one does not
     # fill the disk (gradio's cached images older than an hour are deleted every hour).
@@ -275,9 +278,9 @@ def build_app(den: Denoiser, *, device: torch.device, precision: Precision | Non
                     f"({den.checkpoint or 'weights'}, {den.weights} weights) on {where}.")
         with gr.Row():
             with gr.Column(scale=1, min_width=280):
-                sampler = gr.Dropdown(samplers, value="ddim", label="Sampler",
-                                      info=f"ddpm always runs all {T} steps" if "ddpm" in samplers else None)
-                steps = gr.Slider(1, T, value=default_steps("ddim", T), step=1, label="Steps",
+                sampler = gr.Dropdown(samplers, value=first, label="Sampler",
+                                      info=f"{' and '.join(fixed)} always run(s) all {T} steps" if fixed else None)
+                steps = gr.Slider(1, T, value=first_steps, step=1, label="Steps", interactive=not get_sampler(first).all_steps,
                                   info=f"images × steps ≤ {limits.max_work} per request")
                 with gr.Row():
                     seed = gr.Number(value=0, precision=0, minimum=0, maximum=SEED_MAX, label="Seed",

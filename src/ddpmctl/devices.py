@@ -124,10 +124,6 @@ def choose_precision(name: str, device: torch.device) -> Precision:
     raise DeviceError(f"--precision {name!r}: expected auto, fp32, bf16 or fp16")
 
 
-def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
-
-
 def set_fast_math(device: torch.device, deterministic: bool) -> None:
     """TF32 for fp32 matmuls/convs on CUDA unless deterministic."""
     if device.type == "cuda":

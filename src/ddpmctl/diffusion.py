@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
@@ -50,7 +50,9 @@ __all__ = [
 ]
 
 Prediction = Literal["eps", "v"]
-ModelFn = Callable[[Tensor, Tensor], Tensor]
+# The one network interface: model(x_t, t, cond) -> prediction; cond is a ddpmctl.cond.Cond or None
+# (unconditional), handed through by the maths here without being looked at.
+ModelFn = Callable[[Tensor, Tensor, Any], Tensor]
 
 _LN2 = math.log(2.0)
 _COSINE_S = 0.008  # Nichol & Dhariwal 2021, eq. 17: small offset so beta_0 is not vanishingly small
@@ -306,7 +308,8 @@ def training_target(s: Schedule, x0: Tensor, t: Tensor, noise: Tensor, predictio
 
 
 def training_loss(
-    model_fn: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tensor, prediction: Prediction = "eps"
+    model_fn: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tensor, prediction: Prediction = "eps",
+    cond=None,
 ) -> Tensor:
     """Per-example MSE between the network output at x_t = q_sample(x0, t, noise) and the target, shape (B,).
 
@@ -314,7 +317,7 @@ def training_loss(
     in float32 (or float64 if x0 is float64) even when the model returns bf16/fp16 under autocast.
     """
     xt = q_sample(s, x0, t, noise)
-    out = model_fn(xt, t)
+    out = model_fn(xt, t, cond)
     target = training_target(s, x0, t, noise, prediction)
     dtype = torch.promote_types(target.dtype, torch.float32)
     return _mean_flat((out.to(dtype) - target.to(dtype)).square())
@@ -360,6 +363,7 @@ def vb_terms_bpd(
     noise: Tensor,
     prediction: Prediction = "eps",
     clip_x0: bool = True,
+    cond=None,
 ) -> Tensor:
     """Per-example term L_t of the variational bound (Ho eq. 5), in bits/dim, shape (B,).
 
@@ -371,7 +375,7 @@ def vb_terms_bpd(
     """
     xt = q_sample(s, x0, t, noise)
     true_mean, _, true_logvar = q_posterior_mean_variance(s, x0, xt, t)
-    x0_pred, _ = model_output_to_x0_eps(s, xt, t, model_fn(xt, t), prediction)
+    x0_pred, _ = model_output_to_x0_eps(s, xt, t, model_fn(xt, t, cond), prediction)
     if clip_x0:
         x0_pred = x0_pred.clamp(-1.0, 1.0)
     model_mean, _, model_logvar = q_posterior_mean_variance(s, x0_pred, xt, t)
@@ -398,6 +402,7 @@ def calc_bpd_loop(
     *,
     prediction: Prediction = "eps",
     clip_x0: bool = True,
+    cond=None,
 ) -> dict:
     """The full variational bound (Ho eq. 5) in bits/dim per example: prior + sum_{t>0} KL_t + decoder.
 
@@ -444,8 +449,8 @@ def calc_bpd_loop(
     kl = torch.zeros(B, dtype=torch.promote_types(x0.dtype, torch.float32), device=device)
     with torch.no_grad():
         for t, weight in evaluations:
-            kl = kl + weight * vb_terms_bpd(model_fn, s, x0, t, randn(), prediction, clip_x0).to(kl.dtype)
+            kl = kl + weight * vb_terms_bpd(model_fn, s, x0, t, randn(), prediction, clip_x0, cond).to(kl.dtype)
         t0 = torch.zeros(B, dtype=torch.long, device=device)
-        decoder = vb_terms_bpd(model_fn, s, x0, t0, randn(), prediction, clip_x0).to(kl.dtype)
+        decoder = vb_terms_bpd(model_fn, s, x0, t0, randn(), prediction, clip_x0, cond).to(kl.dtype)
         prior = prior_bpd(s, x0).to(kl.dtype)
     return {"total": prior + kl + decoder, "prior": prior, "decoder": decoder, "kl": kl, "stride": stride}

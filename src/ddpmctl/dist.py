@@ -35,7 +35,6 @@ from ddpmctl.errors import DdpmctlError, UsageError
 DEFAULT_TIMEOUT_S = 1800
 # Marks of a collective that failed because of a peer (gloo raises plain RuntimeErrors).
 COLLECTIVE_ERRORS = ("gloo", "NCCL", "Connection reset", "Connection closed", "Broken pipe", "timed out")
-ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class DistError(DdpmctlError):

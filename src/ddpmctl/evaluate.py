@@ -39,6 +39,7 @@ from torch import Tensor
 
 from ddpmctl import __version__
 from ddpmctl.data._events import Progress, emitter
+from ddpmctl.data.loader import to_unit_range
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, calc_bpd_loop
 from ddpmctl.errors import DataError, DdpmctlError, NonFiniteError, UsageError
 
@@ -98,11 +99,6 @@ class BpdResult:
                 "network_evaluations_per_image": self.evaluated, "exact": self.exact, "note": self.note}
 
 
-def images_to_model_range(images: Tensor, device: torch.device | str) -> Tensor:
-    """uint8 (B, C, H, W) -> float32 in [-1, 1] on ``device``, the scaling used in training."""
-    return images.to(device).to(torch.float32).div_(127.5).sub_(1.0)
-
-
 def bits_per_dim(
     model_fn: ModelFn,
     schedule: Schedule,
@@ -137,14 +133,14 @@ def bits_per_dim(
     parts: dict[str, list[Tensor]] = {"total": [], "prior": [], "kl": [], "decoder": []}
     calls = 0
 
-    def counted(x: Tensor, t: Tensor) -> Tensor:
+    def counted(x: Tensor, t: Tensor, cond=None) -> Tensor:
         nonlocal calls
         calls += 1
-        return model_fn(x, t)
+        return model_fn(x, t, cond)
 
     progress = Progress(on_event, "bits/dim", n)
     for start in range(0, n, batch_size):
-        x0 = images_to_model_range(images[start : start + batch_size], device)
+        x0 = to_unit_range(images[start : start + batch_size].to(device))  # the scaling training uses
         calls = 0
         out = calc_bpd_loop(counted, s, x0, gen, stride, prediction=prediction)
         for k in parts:
@@ -640,9 +636,9 @@ class EvalOptions:
     data: str | None = None  # default: the run's training data
     split: str | None = None  # default: DEFAULT_SPLIT per metric
     n: int | None = None  # bpd: held-out images (default all); fid/kid: samples (default 50,000)
-    sampler: str = "ddim"
+    sampler: str | None = None  # default: the run's spec.sample (generate.run_defaults), as `sample` draws
     steps: int | None = None
-    eta: float = 0.0
+    eta: float | None = None
     variance: str = "beta_tilde"  # ddpm's sigma_t^2: beta_tilde or beta
     seed: int = 0
     batch_size: int = 64
@@ -674,7 +670,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
     predictable failure; then bits/dim, then samples -> features -> FID and KID.
     """
     from ddpmctl.devices import choose_device, choose_precision, describe
-    from ddpmctl.generate import default_steps, generate, load_source, model_fn_for
+    from ddpmctl.generate import generate, load_source, model_fn_for, run_defaults
+    from ddpmctl.sampler_registry import get_sampler
 
     emit = emitter(on_event)
     metrics = parse_metrics(opts.metrics)
@@ -725,16 +722,17 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
                               label=f"{_label(data_source)}-{split}-{spec.model.image_size}px",
                               batch_size=max(opts.batch_size, 50), on_event=on_event)
         n = opts.n or FID_UNBIASED_N
-        sampler = opts.sampler
-        steps = T if sampler == "ddpm" else (opts.steps or default_steps(sampler, T))
-        if sampler == "ddpm" and opts.steps not in (None, T):
-            emit({"event": "warning", "message": f"ddpm runs all {T} steps; ignoring --steps {opts.steps}"})
+        sampler, run_steps, run_eta = run_defaults(spec, opts.sampler)
+        how = get_sampler(sampler)
+        steps = how.lenient_steps(T, opts.steps or run_steps,
+                                  lambda message: emit({"event": "warning", "message": message}))
+        eta = run_eta if opts.eta is None else opts.eta
         seeds = list(range(opts.seed, opts.seed + n))
         nfe = 0
 
         def sample_batches() -> Iterator[Tensor]:
             nonlocal nfe
-            for _, imgs, nfe in generate(den, seeds, sampler=sampler, steps=steps, eta=opts.eta,
+            for _, imgs, nfe in generate(den, seeds, sampler=sampler, steps=steps, eta=eta,
                                          batch_size=opts.batch_size, device=device, precision=precision,
                                          variance=opts.variance):
                 yield imgs
@@ -742,8 +740,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
         feats = extract_features(extractor, sample_batches(), n, stage="samples", on_event=on_event)
         ref_info = {"split": split, "n": ref.n, "cache": str(ref.path) if ref.path else None, "cached": ref.cached}
         record.update({"sampler": sampler, "steps": steps, "network_evaluations": nfe,
-                       "eta": opts.eta if sampler != "ddpm" else None,
-                       "variance": opts.variance if sampler == "ddpm" else None, "n_samples": n, "seed": opts.seed,
+                       "eta": how.eta_or_none(eta),
+                       "variance": how.variance_or_none(opts.variance), "n_samples": n, "seed": opts.seed,
                        "precision": precision.name, "inception_weights": extractor.weights_id[:16]})
         if "fid" in metrics:
             fid = frechet_distance_from_features(feats, ref.mu, ref.sigma)

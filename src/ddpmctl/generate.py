@@ -14,11 +14,12 @@ import torch
 
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
+from ddpmctl.cond import Cond
 from ddpmctl.devices import Precision
 from ddpmctl.diffusion import Schedule
 from ddpmctl.errors import UsageError
 from ddpmctl.images import to_uint8
-from ddpmctl.samplers import per_image_generators, randn_per_image, sample
+from ddpmctl.samplers import get_sampler, per_image_generators, randn_per_image, sample
 from ddpmctl.spec import RunSpec
 from ddpmctl.unet import UNet, build
 
@@ -35,13 +36,13 @@ class Denoiser:
 
 
 def model_fn_for(model: UNet, precision: Precision | None, device: torch.device) -> Callable:
-    """(x_t, t) -> float32 prediction, under autocast when asked."""
+    """(x_t, t, cond=None) -> float32 prediction, under autocast when asked."""
 
-    def fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def fn(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         if precision is None or precision.autocast_dtype is None:
-            return model(x, t)
+            return model(x, t, cond)
         with precision.autocast(device):
-            return model(x, t).float()
+            return model(x, t, cond).float()
 
     return fn
 
@@ -123,7 +124,7 @@ COMPILE_MIN_IMAGE_STEPS = 200_000
 def compile_pays_off(spec: RunSpec, n: int, sampler: str, steps: int | None, device) -> bool:
     """The `auto` compile choice for drawing ``n`` images: on CUDA from
     :data:`COMPILE_MIN_IMAGE_STEPS` image-steps up, never elsewhere."""
-    nfe = spec.diffusion.timesteps if sampler == "ddpm" else (steps or default_steps(sampler, spec.diffusion.timesteps))
+    nfe = get_sampler(sampler).steps_for(spec.diffusion.timesteps, steps)
     return torch.device(device).type == "cuda" and n * nfe >= COMPILE_MIN_IMAGE_STEPS
 
 
@@ -148,15 +149,12 @@ def load_source(source: str | Path | None, *, use_ema: bool = True, device: torc
     return load_run(path, use_ema=use_ema, device=device, on_warning=on_warning)
 
 
-def default_steps(sampler: str, timesteps: int) -> int:
-    return {"ddpm": timesteps, "ddim": 50, "dpm-solver++": 20}[sampler]
-
-
 def run_defaults(spec: RunSpec, sampler: str | None) -> tuple[str, int, float]:
     """(sampler, steps, eta) a run samples with when not told: its spec.sample for its own sampler,
     else that sampler's usual steps and eta 0. `sample`, `demo` and exported model cards agree."""
     own = spec.sample
     sampler = sampler or own.sampler
+    info, T = get_sampler(sampler), spec.diffusion.timesteps
     if sampler == own.sampler:
-        return sampler, (spec.diffusion.timesteps if sampler == "ddpm" else own.steps), own.eta
-    return sampler, default_steps(sampler, spec.diffusion.timesteps), 0.0
+        return sampler, info.steps_for(T, None if info.all_steps else own.steps), own.eta
+    return sampler, info.steps_for(T), 0.0

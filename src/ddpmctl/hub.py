@@ -38,6 +38,7 @@ from ddpmctl import __version__
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
 from ddpmctl.errors import DdpmctlError, NetworkError, SpecError, UsageError
+from ddpmctl.sampler_registry import SAMPLERS, get_sampler
 from ddpmctl.spec import RunSpec
 from ddpmctl.unet import build
 
@@ -228,7 +229,8 @@ def _make_config(spec: RunSpec, run_dir: Path, ckpt: ck.Checkpoint, kind: str, d
     st = ckpt.state
     desc, hub_ids = _dataset_info(spec.data.source)
     s = spec.sample
-    steps = None if s.sampler == "ddpm" else s.steps
+    how = get_sampler(s.sampler)
+    steps = None if how.all_steps else s.steps
     return {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -261,7 +263,7 @@ def _make_config(spec: RunSpec, run_dir: Path, ckpt: ck.Checkpoint, kind: str, d
         },
         "evaluation": _read_eval(run_dir),
         "grid": {"file": GRID_FILE, "n": GRID_N, "nrow": GRID_NROW, "seed": GRID_SEED, "sampler": s.sampler,
-                 "steps": steps, "eta": s.eta if s.sampler != "ddpm" else None},
+                 "steps": steps, "eta": how.eta_or_none(s.eta)},
     }
 
 
@@ -399,7 +401,7 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         "",
         f"`{g['file']}` above is exactly this: images {g['seed']}..{g['seed'] + g['n'] - 1} (image *i* uses seed "
         f"*i*, whatever the batch size), drawn in float32 with the `{g['sampler']}` sampler and laid out "
-        f"{g['nrow']} per row. More images: raise `--n`; other samplers: `--sampler ddpm|ddim|dpm-solver++`.",
+        f"{g['nrow']} per row. More images: raise `--n`; other samplers: `--sampler {'|'.join(SAMPLERS)}`.",
         "",
         "## Training",
         "",

@@ -7,7 +7,9 @@ image from the same generators, so an image depends on its seed and not on the b
 
 Conventions shared by all samplers:
 
-* The network is called under ``torch.no_grad`` with the ORIGINAL discrete timestep index, a long
+* The network is called as ``model_fn(x_t, t, cond)`` (:mod:`ddpmctl.cond`; ``cond`` is handed
+  through unchanged, None for an unconditional model) under ``torch.no_grad`` with the ORIGINAL
+  discrete timestep index, a long
   tensor of shape (B,), even when a sampler skips steps.
 * Per-step coefficients are Python floats computed from the float64 schedule
   (:meth:`Schedule.float64`), so the schedule handed in may live on any device in any dtype.
@@ -28,13 +30,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ddpmctl.cond import Cond
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, x0_eps_from_output
 from ddpmctl.errors import NonFiniteError, UsageError
+from ddpmctl.sampler_registry import REGISTRY, SAMPLERS, SamplerInfo, SamplerName, get_sampler
 
 __all__ = [
     "SamplerCallback",
     "SamplerName",
     "SAMPLERS",
+    "REGISTRY",
+    "SamplerInfo",
+    "SamplerName",
+    "get_sampler",
     "per_image_generators",
     "randn_per_image",
     "PerImageNoise",
@@ -49,8 +57,6 @@ __all__ = [
 ]
 
 SamplerCallback = Callable[[int, int, Tensor, Tensor], None]
-SamplerName = Literal["ddpm", "ddim", "dpm-solver++"]
-SAMPLERS: tuple[str, ...] = ("ddpm", "ddim", "dpm-solver++")
 
 _CHECK_EVERY = 50  # steps between finiteness checks (each one is a host-device sync)
 
@@ -142,11 +148,11 @@ def _prepare(x_T: Tensor, generators: Sequence[torch.Generator]) -> Tensor:
 
 
 def _predict(
-    model_fn: ModelFn, x: Tensor, t: int, alpha: float, sigma: float, prediction: Prediction
+    model_fn: ModelFn, x: Tensor, t: int, alpha: float, sigma: float, prediction: Prediction, cond: Cond | None
 ) -> tuple[Tensor, Tensor]:
     """Network call at discrete timestep t, converted to (x0, eps) in x's dtype."""
     t_batch = torch.full((x.shape[0],), t, dtype=torch.long, device=x.device)
-    return x0_eps_from_output(x, model_fn(x, t_batch), alpha, sigma, prediction)
+    return x0_eps_from_output(x, model_fn(x, t_batch, cond), alpha, sigma, prediction)
 
 
 def _check_finite(x: Tensor, name: str, t: int, i: int, n: int) -> None:
@@ -191,6 +197,7 @@ def ddpm_sample(
     variance: Literal["beta_tilde", "beta"] = "beta_tilde",
     clip_denoised: bool = True,
     callback: SamplerCallback | None = None,
+    cond: Cond | None = None,
 ) -> Tensor:
     """Ancestral sampling over all T steps (Ho et al. 2020, Algorithm 2).
 
@@ -212,7 +219,7 @@ def ddpm_sample(
     noise = PerImageNoise(generators, x.shape[1:], x.device, x.dtype)
     with torch.no_grad():
         for i, t in enumerate(range(T - 1, -1, -1)):
-            x0, _ = _predict(model_fn, x, t, alpha[t], sigma[t], prediction)
+            x0, _ = _predict(model_fn, x, t, alpha[t], sigma[t], prediction, cond)
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             x_next = coef1[t] * x0 + coef2[t] * x
@@ -267,6 +274,7 @@ def ddim_sample(
     prediction: Prediction = "eps",
     clip_denoised: bool = True,
     callback: SamplerCallback | None = None,
+    cond: Cond | None = None,
     spacing: Literal["uniform", "quadratic"] = "uniform",
 ) -> Tensor:
     """DDIM (Song et al. 2021, eq. 12) over :func:`ddim_timesteps`.
@@ -291,7 +299,7 @@ def ddim_sample(
             a_t = abar[t]
             a_next = abar[ts[i + 1]] if i + 1 < n else 1.0
             alpha, sigma = math.sqrt(a_t), math.sqrt(1.0 - a_t)
-            x0, eps = _predict(model_fn, x, t, alpha, sigma, prediction)
+            x0, eps = _predict(model_fn, x, t, alpha, sigma, prediction, cond)
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
                 eps = (x - alpha * x0) / sigma
@@ -375,6 +383,7 @@ def dpm_solver_pp_sample(
     prediction: Prediction = "eps",
     clip_denoised: bool = True,
     callback: SamplerCallback | None = None,
+    cond: Cond | None = None,
     eta: float = 0.0,
 ) -> Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2) and, for eta > 0, its stochastic form SDE-DPM-Solver++(2M).
@@ -417,7 +426,7 @@ def dpm_solver_pp_sample(
     x0_prev: Tensor | None = None
     with torch.no_grad():
         for i, t in enumerate(ts):
-            x0, _ = _predict(model_fn, x, t, alphas[i], sigmas[i], prediction)
+            x0, _ = _predict(model_fn, x, t, alphas[i], sigmas[i], prediction, cond)
             if clip_denoised:
                 x0 = x0.clamp(-1.0, 1.0)
             if i == n - 1:
@@ -442,14 +451,30 @@ def dpm_solver_pp_sample(
 
 
 # ---------------------------------------------------------------------------------------------
-# Dispatcher
+# The loops as the registry (ddpmctl.sampler_registry) calls them, and the dispatcher
 # ---------------------------------------------------------------------------------------------
 
-_DEFAULT_STEPS = {"ddim": 50, "dpm-solver++": 20}
+
+def _run_ddpm(model_fn, s, x_T, generators, *, steps, eta, spacing, prediction, variance, clip_denoised, callback,
+              cond):
+    return ddpm_sample(model_fn, s, x_T, generators, prediction=prediction, variance=variance,
+                       clip_denoised=clip_denoised, callback=callback, cond=cond)
+
+
+def _run_ddim(model_fn, s, x_T, generators, *, steps, eta, spacing, prediction, variance, clip_denoised, callback,
+              cond):
+    return ddim_sample(model_fn, s, x_T, generators, steps=steps, eta=eta, prediction=prediction,
+                       clip_denoised=clip_denoised, callback=callback, spacing=spacing, cond=cond)
+
+
+def _run_dpm_solver_pp(model_fn, s, x_T, generators, *, steps, eta, spacing, prediction, variance, clip_denoised,
+                       callback, cond):
+    return dpm_solver_pp_sample(model_fn, s, x_T, generators, steps=steps, spacing=spacing, prediction=prediction,
+                                clip_denoised=clip_denoised, callback=callback, eta=eta, cond=cond)
 
 
 def sample(
-    name: SamplerName,
+    name: str,
     model_fn: ModelFn,
     s: Schedule,
     x_T: Tensor,
@@ -462,68 +487,26 @@ def sample(
     spacing: str | None = None,
     clip_denoised: bool | None = None,
     callback: SamplerCallback | None = None,
+    cond: Cond | None = None,
 ) -> tuple[Tensor, int]:
     """Run the named sampler; return (x_0 clamped to [-1, 1], number of network evaluations).
 
-    steps: ddpm always uses all T (None or T accepted); ddim defaults to 50, dpm-solver++ to 20.
-    spacing: ddim "uniform" | "quadratic" (default uniform); dpm-solver++ "logSNR" | "time_uniform"
-    (default logSNR; time_uniform takes far too large steps at low noise in pixel space and needs
-    ~100 steps for the accuracy logSNR reaches in ~25, as in the reference implementation).
-    clip_denoised: None means the sampler's default (True for all three: clipping the data prediction to
-    [-1, 1] is the static form of the thresholding Lu et al. recommend for pixel-space models; unclipped,
-    an imperfect eps at t near T, where alpha is ~5e-5 under the cosine schedule, gives wild x0).
-    eta is used by ddim and dpm-solver++ (0: deterministic, the probability-flow ODE; 1: stochastic, DDPM's
-    reverse process; for dpm-solver++ eta = 1 is SDE-DPM-Solver++(2M), the one whose 20-step samples look
-    like 1000-step DDPM's on an under-trained model, docs/quality.md), variance by ddpm only.
+    steps: None gives the sampler's usual number (:attr:`SamplerInfo.default_steps`); ddpm always runs
+    all T (None or T accepted). spacing: one of the sampler's :attr:`SamplerInfo.spacings` (default the
+    first). clip_denoised: None means True for every sampler (clipping the data prediction to [-1, 1]
+    is the static form of the thresholding Lu et al. recommend for pixel-space models; unclipped, an
+    imperfect eps at t near T, where alpha is ~5e-5 under the cosine schedule, gives wild x0).
+    eta is used where :attr:`SamplerInfo.takes_eta` (0: deterministic, the probability-flow ODE; 1:
+    stochastic, DDPM's reverse process; for dpm-solver++ eta = 1 is SDE-DPM-Solver++(2M), the one whose
+    20-step samples look like 1000-step DDPM's on an under-trained model, docs/quality.md), variance
+    where :attr:`SamplerInfo.takes_variance`.
     """
-    T = s.T
-    if name == "ddpm":
-        if steps is not None and steps != T:
-            raise UsageError(
-                f"ddpm always runs all T = {T} steps (got steps={steps}); "
-                "use --sampler ddim (eta=1 for a stochastic sampler) for fewer steps"
-            )
-        if spacing is not None:
-            raise UsageError("spacing applies to ddim and dpm-solver++, not ddpm")
-        x = ddpm_sample(
-            model_fn,
-            s,
-            x_T,
-            generators,
-            prediction=prediction,
-            variance=variance,
-            clip_denoised=True if clip_denoised is None else clip_denoised,
-            callback=callback,
-        )
-        nfe = T
-    elif name == "ddim":
-        nfe = _DEFAULT_STEPS["ddim"] if steps is None else steps
-        x = ddim_sample(
-            model_fn,
-            s,
-            x_T,
-            generators,
-            steps=nfe,
-            eta=eta,
-            prediction=prediction,
-            clip_denoised=True if clip_denoised is None else clip_denoised,
-            callback=callback,
-            spacing=spacing or "uniform",  # type: ignore[arg-type]
-        )
-    elif name == "dpm-solver++":
-        nfe = _DEFAULT_STEPS["dpm-solver++"] if steps is None else steps
-        x = dpm_solver_pp_sample(
-            model_fn,
-            s,
-            x_T,
-            generators,
-            steps=nfe,
-            spacing=spacing or "logSNR",  # type: ignore[arg-type]
-            prediction=prediction,
-            clip_denoised=True if clip_denoised is None else clip_denoised,
-            callback=callback,
-            eta=eta,
-        )
-    else:
-        raise UsageError(f"unknown sampler {name!r}; expected one of {', '.join(SAMPLERS)}")
+    info = get_sampler(name)
+    nfe = info.steps_for(s.T, steps)
+    if spacing is not None and spacing not in info.spacings:
+        accepted = f"expected {' or '.join(map(repr, info.spacings))}" if info.spacings else "it has no spacing choice"
+        raise UsageError(f"unknown {name} spacing {spacing!r}; {accepted}")
+    x = globals()[info.loop](model_fn, s, x_T, generators, steps=nfe, eta=eta, prediction=prediction, variance=variance,
+                 spacing=spacing or (info.spacings[0] if info.spacings else None),
+                 clip_denoised=True if clip_denoised is None else clip_denoised, callback=callback, cond=cond)
     return x.clamp(-1.0, 1.0), nfe

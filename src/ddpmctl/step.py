@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from ddpmctl.cond import Cond, cond_key
 from ddpmctl.diffusion import Schedule, training_loss
 from ddpmctl.ema import EMA
 from ddpmctl.spec import RunSpec
@@ -37,7 +38,7 @@ def uses_channels_last(device: torch.device) -> bool:
 
 def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: RunSpec, precision, device,
                     scaler=None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable:
-    """One optimisation step: (x0, t, noise, lr) -> (loss, grad_norm, finite), all device tensors.
+    """One optimisation step: (x0, t, noise, lr, cond=None) -> (loss, grad_norm, finite), all device tensors.
 
     Forward under autocast, backward, clip, AdamW (fused: a non-finite loss or gradient norm sets
     the optimizer's found_inf so the update is skipped on the device), then EMA. No host sync.
@@ -51,14 +52,14 @@ def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: Run
     params = [p for p in model.parameters() if p.requires_grad]
     channels_last = uses_channels_last(device)
 
-    def step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float):
+    def step(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, lr: float, cond: Cond | None = None):
         if channels_last:
             x0 = x0.contiguous(memory_format=torch.channels_last)
             noise = noise.contiguous(memory_format=torch.channels_last)
         for g in opt.param_groups:
             g["lr"] = lr
         with precision.autocast(device):
-            loss = training_loss(forward, schedule, x0, t, noise, prediction).mean()
+            loss = training_loss(forward, schedule, x0, t, noise, prediction, cond).mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
@@ -198,46 +199,48 @@ class _Graphed:
         self.pool = None
         self.failed: str | None = None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         if self.failed is not None:
-            return self.fn(x, t)
-        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device)
+            return self.fn(x, t, cond)
+        key = (tuple(x.shape), x.dtype, tuple(t.shape), t.dtype, x.device, cond_key(cond))
         entry = self.graphs.get(key)
         if entry is None:
             try:
-                entry = self._capture(x, t)
+                entry = self._capture(x, t, cond)
             except Exception as exc:  # noqa: BLE001 - fall back to plain calls
                 self.failed = f"{exc.__class__.__name__}: {exc}"
                 self.graphs.clear()
                 self.emit({"event": "warning", "message": f"CUDA graph capture failed ({self.failed[:300]}); "
                                                          "sampling without graphs"})
-                return self.fn(x, t)
+                return self.fn(x, t, cond)
             self.graphs[key] = entry
-        graph, sx, st, out = entry
-        sx.copy_(x)
-        st.copy_(t)
+        graph, static, out = entry
+        for buf, value in zip(static, (x, t, *(cond.tensors() if cond is not None else ()))):
+            buf.copy_(value)
         graph.replay()
         return out.clone()
 
-    def _capture(self, x: torch.Tensor, t: torch.Tensor):
-        sx, st = x.clone(), t.clone()
+    def _capture(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None):
+        static = tuple(v.clone() for v in (x, t, *(cond.tensors() if cond is not None else ())))
+        sx, st = static[:2]
+        scond = cond.with_tensors(static[2:]) if cond is not None else None
         side = torch.cuda.Stream(device=x.device)
         side.wait_stream(torch.cuda.current_stream(x.device))
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: compilation, cuDNN autotuning, lazy initialisation
-                self.fn(sx, st)
+                self.fn(sx, st, scond)
         torch.cuda.current_stream(x.device).wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
-            out = self.fn(sx, st)
-        return graph, sx, st, out
+            out = self.fn(sx, st, scond)
+        return graph, static, out
 
 
 def make_sample_fn(model: nn.Module, precision, device: torch.device, *, compile: str | bool | None = False,
                    cuda_graph: bool | None = None, emit: Event = _ignore) -> Callable:
-    """(x_t, t) -> float32 prediction, the fast way for ``device``; ``model`` is left untouched.
+    """(x_t, t, cond=None) -> float32 prediction, the fast way for ``device``; ``model`` is left untouched.
 
     With bf16 ``precision`` on CUDA and the CPU, a bf16 copy of the weights (no per-call weight
     casts: 1.86x fp32 for cifar10 on the CPU where autocast gives 1.78x, docs/performance.md); fp16
@@ -257,15 +260,15 @@ def make_sample_fn(model: nn.Module, precision, device: torch.device, *, compile
     weight_dtype = next(net.parameters()).dtype
     autocast = dtype is not None and weight_dtype != dtype
 
-    def eager(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def eager(x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         if weight_dtype != x.dtype:
             x = x.to(dtype=weight_dtype)
         if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
         if autocast:
             with precision.autocast(device):
-                return net(x, t).float()
-        return net(x, t).float()
+                return net(x, t, cond).float()
+        return net(x, t, cond).float()
 
     fn: Callable = eager
     if compile_wanted(compile, device):
@@ -298,7 +301,7 @@ def auto_sample_batch_size(model: nn.Module, shape: tuple[int, ...], device: tor
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
     with torch.no_grad():
-        fn(x, t)
+        fn(x, t, None)
     torch.cuda.synchronize(device)
     per_image = max(1, (torch.cuda.max_memory_allocated(device) - base) // probe)
     free, _total = torch.cuda.mem_get_info(device)

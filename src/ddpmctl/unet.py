@@ -1,4 +1,4 @@
-"""The U-Net denoiser: forward(x_t, t) -> prediction, nothing else.
+"""The U-Net denoiser: forward(x_t, t, cond) -> prediction, nothing else.
 
 Ho et al. 2020's architecture (PixelCNN++-style residual blocks, self-attention at chosen
 resolutions, encoder-decoder skips) with the residual blocks' second GroupNorm modulated by the
@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpmctl.cond import Cond
 from ddpmctl.spec import ModelSpec
 
 
@@ -210,7 +211,10 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
+        """The prediction at (x_t, t) given ``cond`` (:mod:`ddpmctl.cond`; None: unconditional)."""
+        if cond is not None and cond.tensors():
+            raise ValueError("this network is unconditional: it takes no class labels")
         emb = self.time_mlp(timestep_embedding(t, self.spec.time_embed_dim).to(x.dtype))
         h = self.conv_in(x)
         hs = [h]

@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from ddpmctl import __version__
+from ddpmctl.sampler_registry import SamplerName, sampler_help
 
 # Results go to stdout; messages, progress and errors to stderr.
 out_console = Console(highlight=False, soft_wrap=True)  # sys.stdout, looked up at each write
@@ -51,6 +52,9 @@ DeviceOpt = Annotated[
 ]
 PRECISION_HELP = ("auto | fp32 | bf16 | fp16 (auto: bf16 where the device computes it natively: CUDA, CPUs with "
                   "AVX512-BF16 or AMX; else fp32).")
+# --sampler: the registry's names and summaries (sample, grid, eval); None = the command's default
+SamplerOpt = Annotated[Optional[SamplerName], typer.Option(
+    "--sampler", help=f"{sampler_help()} (default: the run's spec.sample.sampler).")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 OutDirOpt = Annotated[Optional[Path], typer.Option("--out", help="Output path.")]
 

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.markup import escape
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, err_console, info, print_json, warn
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, SamplerOpt, app, err_console, info, print_json, warn
 
 PLAIN_EVERY_S = 10.0  # progress lines when stderr is not a terminal
 
@@ -110,10 +110,11 @@ def eval_cmd(
     n: Annotated[Optional[int], typer.Option("--n", min=1, help="bpd: held-out images (default: the whole split); "
                                                                 "fid/kid: generated samples (default 50,000).")]
     = None,
-    sampler: Annotated[Literal["ddpm", "ddim", "dpm-solver++"], typer.Option(help="Sampler for fid/kid.")] = "ddim",
-    steps: Annotated[Optional[int], typer.Option(min=1, help="Denoising steps (default: ddpm T, ddim 50, "
-                                                             "dpm-solver++ 20).")] = None,
-    eta: Annotated[float, typer.Option(min=0.0, max=1.0, help="ddim / dpm-solver++ eta (0 deterministic, 1 stochastic).")] = 0.0,
+    sampler: SamplerOpt = None,
+    steps: Annotated[Optional[int], typer.Option(min=1, help="fid/kid denoising steps (default: the run's "
+                                                             "sample.steps for its sampler, else the sampler's usual number).")] = None,
+    eta: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="eta where the sampler takes one (0 deterministic, "
+                                                 "1 stochastic; default: the run's sample.eta for its sampler, else 0).")] = None,
     variance: Annotated[Literal["beta_tilde", "beta"], typer.Option(help="DDPM sigma^2: beta_tilde or beta.")]
     = "beta_tilde",
     seed: Annotated[int, typer.Option(min=0, help="Sample i uses seed SEED + i; also seeds the bpd noise.")] = 0,

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, app, info
+from ddpmctl.cli.common import DeviceOpt, SamplerOpt, app, info, warn
 
 
 @app.command(epilog="Examples:\n\n  ddpmctl grid faces/ --out faces.png\n\n"
@@ -24,7 +24,7 @@ def grid(
     gif: Annotated[Optional[Path], typer.Option(help="With --trajectory: also write an animated GIF.")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=256, help="Rows (samples) for --evolution/--trajectory.")] = 8,
     frames: Annotated[int, typer.Option(min=2, max=100, help="Columns for --trajectory.")] = 10,
-    sampler: Annotated[Literal["ddpm", "ddim", "dpm-solver++"], typer.Option(help="--trajectory sampler.")] = "ddim",
+    sampler: SamplerOpt = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="--trajectory steps.")] = None,
     seed: Annotated[int, typer.Option(min=0, help="--trajectory: image i uses seed SEED + i.")] = 0,
     device: DeviceOpt = None,
@@ -86,12 +86,14 @@ def _trajectory(run_dir: Path, n: int, frames: int, sampler: str, steps, seed: i
     import torch
 
     from ddpmctl.devices import choose_device
-    from ddpmctl.generate import default_steps, generate, load_source
+    from ddpmctl.generate import generate, load_source, run_defaults
     from ddpmctl.images import make_grid, save_gif, to_uint8
+    from ddpmctl.sampler_registry import get_sampler
 
     dev = choose_device(device or "auto")
     den = load_source(run_dir, device=dev, on_warning=info)
-    steps = steps or default_steps(sampler, den.spec.diffusion.timesteps)
+    sampler, run_steps, eta = run_defaults(den.spec, sampler)  # as `ddpmctl sample` draws
+    steps = get_sampler(sampler).lenient_steps(den.spec.diffusion.timesteps, steps or run_steps, warn)
     captured: list[torch.Tensor] = []  # every step's x_t
     final_step = [0]
 
@@ -101,7 +103,7 @@ def _trajectory(run_dir: Path, n: int, frames: int, sampler: str, steps, seed: i
             final_step[0] = total
         return cb
 
-    _, imgs, _ = next(generate(den, list(range(seed, seed + n)), sampler=sampler, steps=steps, batch_size=n,
+    _, imgs, _ = next(generate(den, list(range(seed, seed + n)), sampler=sampler, steps=steps, eta=eta, batch_size=n,
                                device=dev, callback_factory=factory))
     seq = captured + [imgs]
     pick = sorted({round(i * (len(seq) - 1) / (frames - 1)) for i in range(frames)})

@@ -10,11 +10,9 @@ from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, err_console, info, print_json, warn
+from ddpmctl.cli.common import (PRECISION_HELP, DeviceOpt, JsonOpt, SamplerOpt, app, err_console, info, print_json,
+                                warn)
 from ddpmctl.cli.train import NprocOpt
-
-Sampler = Literal["ddpm", "ddim", "dpm-solver++"]
-
 
 @app.command(epilog="Examples:\n\n  ddpmctl sample --n 100 --out faces/\n\n"
                     "  ddpmctl sample runs/shapes-20261126-101500 --n 16 --sampler ddpm --out ddpm/\n\n"
@@ -23,11 +21,9 @@ def sample(
     source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder (ddpmctl export) or hf:OWNER/NAME\\[@REV] (default: the newest run under ./runs).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Number of images.")] = 16,
     out: Annotated[Path, typer.Option(help="Output directory (created; must be new or empty).")] = Path("samples"),
-    sampler: Annotated[Optional[Sampler], typer.Option(
-        help="ddpm (ancestral, all T steps) | ddim | dpm-solver++ (default: the run's spec.sample.sampler; "
-             "ddim for the cifar10/celeba/mnist presets, dpm-solver++ for shapes).")] = None,
+    sampler: SamplerOpt = None,
     steps: Annotated[Optional[int], typer.Option(min=1, help="Denoising steps (default: the run's sample.steps "
-                                                             "for its sampler, else ddpm T, ddim 50, dpm-solver++ 20).")] = None,
+                                                             "for its sampler, else the sampler's usual number).")] = None,
     eta: Annotated[Optional[float], typer.Option(min=0.0, max=1.0, help="ddim / dpm-solver++ eta: 0 deterministic "
                                                  "(ODE), 1 stochastic like DDPM (default: the run's sample.eta for "
                                                  "its sampler, else 0).")] = None,
@@ -54,6 +50,7 @@ def sample(
     from ddpmctl.generate import compile_pays_off, generate, load_source, run_defaults
     from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
+    from ddpmctl.sampler_registry import get_sampler
 
     check_out_dir(out, overwrite)
     if nproc is not None and nproc > 1:
@@ -70,11 +67,9 @@ def sample(
     prec = choose_precision(precision, dev)
     den = load_source(source, use_ema=not no_ema, device=dev, on_warning=say)
     sampler, run_steps, run_eta = run_defaults(den.spec, sampler)  # the run's spec.sample, else the usual
-    steps = steps or run_steps
+    how = get_sampler(sampler)
+    steps = how.lenient_steps(den.spec.diffusion.timesteps, steps or run_steps, warn)
     eta = run_eta if eta is None else eta
-    if sampler == "ddpm" and steps != den.spec.diffusion.timesteps:
-        warn(f"ddpm runs all {den.spec.diffusion.timesteps} steps; ignoring --steps {steps}")
-        steps = den.spec.diffusion.timesteps
     seeds = list(range(seed, seed + n))
     where = f" on {job.world_size} processes" if job.distributed else ""
     say(f"sampling {n} image(s) from {den.source} ({den.checkpoint}, {den.weights} weights) with {sampler}, "
@@ -105,8 +100,8 @@ def sample(
             job.close()
             return
         meta = {"source": den.source, "checkpoint": den.checkpoint, "weights": den.weights, "sampler": sampler,
-                "steps": steps, "network_evaluations": nfe, "eta": eta if sampler != "ddpm" else None,
-                "variance": variance if sampler == "ddpm" else None, "seeds": seeds, "n": n,
+                "steps": steps, "network_evaluations": nfe, "eta": how.eta_or_none(eta),
+                "variance": how.variance_or_none(variance), "seeds": seeds, "n": n,
                 "device": str(dev), "precision": prec.name, "ddpmctl": __version__,
                 "seconds": round(time.perf_counter() - t0, 3)}
         if job.distributed:

@@ -338,8 +338,3 @@ def decode_many(items: Iterable[tuple[str, Source]], total: int, pp: Preprocess,
         pool.shutdown(wait=True)
     rate = progress.close()
     return Decoded(out[:count], count, all_gray and count > 0, skipped, rate)
-
-
-def iter_paths(paths: Iterable[tuple[str, Path]]) -> Iterator[tuple[str, Source]]:
-    for name, p in paths:
-        yield name, str(p)
