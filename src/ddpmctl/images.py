@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ddpmctl.checkpoint import atomic_write_bytes
+from ddpmctl.safefile import atomic_write_bytes
 from ddpmctl.errors import UsageError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

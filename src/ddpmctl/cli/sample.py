@@ -53,9 +53,11 @@ def sample(
     from ddpmctl.dist import rank_device
     from ddpmctl.generate import compile_pays_off, generate, load_source, run_defaults
     from ddpmctl.images import save_png
+    from ddpmctl.hub import HF_PREFIX
     from ddpmctl.outdir import check_out_dir, staged_dir
 
-    check_out_dir(out, overwrite)
+    reading = [source] if source and not source.startswith(HF_PREFIX) else []  # never replaced by --overwrite
+    check_out_dir(out, overwrite, reading=reading)
     if nproc is not None and nproc > 1:
         add = []
         if source is None:  # every worker must sample the same run, even if a newer one appears
@@ -87,9 +89,9 @@ def sample(
     t0 = time.perf_counter()
     nfe = 0
     if not job.distributed:
-        stage = staged_dir(out, overwrite)
+        stage = staged_dir(out, overwrite, reading=reading)
     else:  # rank 0 stages the folder and publishes it after every rank has written its images
-        stage = _shared_stage(job, out, overwrite)
+        stage = _shared_stage(job, out, overwrite, reading)
     with stage as tmp, Progress(console=err_console, disable=not (err_console.is_terminal and job.is_main)) as bar:
         task = bar.add_task("sampling", total=len(mine))
         with job.guard():
@@ -121,13 +123,13 @@ def sample(
 
 
 @contextmanager
-def _shared_stage(job, out: Path, overwrite: bool) -> Iterator[Path]:
+def _shared_stage(job, out: Path, overwrite: bool, reading: list[str]) -> Iterator[Path]:
     """staged_dir for a distributed job: rank 0 makes it and tells the others where it is; only
     rank 0 moves it into place (after the barrier in the caller) or removes it on failure."""
     from ddpmctl.outdir import staged_dir
 
     if job.is_main:
-        with staged_dir(out, overwrite) as tmp:
+        with staged_dir(out, overwrite, reading=reading) as tmp:
             job.broadcast(str(tmp))
             yield tmp
     else:
