@@ -84,12 +84,12 @@ def staged_dir(out: Path, overwrite: bool = False, *, reading: Iterable[Path | s
     ddpmctl process (pid=...)"). The checks of :func:`check_out_dir` run again under the lock."""
     from ddpmctl.lock import out_lock
 
-    out = Path(os.path.abspath(out))  # `--out .` has no name to put a sibling beside
+    given, out = Path(out), Path(os.path.abspath(out))  # `--out .` has no name to put a sibling beside
     reading = list(reading)
-    check_out_dir(out, overwrite, reading=reading, model_folder=model_folder)
+    check_out_dir(given, overwrite, reading=reading, model_folder=model_folder)
     out.parent.mkdir(parents=True, exist_ok=True)
     with out_lock(out):
-        check_out_dir(out, overwrite, reading=reading, model_folder=model_folder)
+        check_out_dir(given, overwrite, reading=reading, model_folder=model_folder)
         tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
         if tmp.is_symlink():
             tmp.unlink()

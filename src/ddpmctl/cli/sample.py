@@ -38,7 +38,9 @@ def sample(
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: DeviceOpt = None,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (an earlier output; never "
+                                            "a run dir, model folder, the source, the current directory or a parent "
+                                            "of one).")] = False,
     nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
