@@ -109,15 +109,23 @@ def test_whole_file_writes_replace_a_link_and_refuse_a_planted_temporary(tmp_pat
     assert not planted.exists() and not planted.is_symlink()
 
 
-def test_a_checkpoint_never_writes_through_a_symlinked_newest(tmp_path):
+def test_a_checkpoint_never_writes_through_a_symlinked_newest_or_temporary_dir(tmp_path):
+    """NEWEST is replaced, not written through; a link planted at the checkpoint's temporary
+    directory name is removed, and the folder it points to keeps its files."""
     decoy = _decoy(tmp_path)
+    decoy_dir = tmp_path / "decoy-dir"
+    decoy_dir.mkdir()
+    (decoy_dir / "keep.txt").write_text(DECOY)
     ckdir = tmp_path / "run" / ck.CKPT_DIR
     ckdir.mkdir(parents=True)
     (ckdir / ck.NEWEST).symlink_to(decoy)
+    (ckdir / f".tmp-step_00000001-{os.getpid()}").symlink_to(decoy_dir, target_is_directory=True)
     tensors = {k: {"w": torch.zeros(2)} for k in ck.TENSOR_FILES}
     ck.save_checkpoint(tmp_path / "run", 1, tensors, {"step": 1})
     assert decoy.read_text() == DECOY
+    assert [p.name for p in decoy_dir.iterdir()] == ["keep.txt"] and (decoy_dir / "keep.txt").read_text() == DECOY
     assert (ckdir / ck.NEWEST).read_text().strip() == "step_00000001"
+    assert ck.find_newest(tmp_path / "run").step == 1
 
 
 def test_a_download_never_writes_through_a_planted_part_file(tmp_path):

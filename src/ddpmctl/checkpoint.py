@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpmctl import __version__
 from ddpmctl.errors import CheckpointError, RunDirError
-from ddpmctl.safefile import atomic_write_text, fsync_dir
+from ddpmctl.safefile import atomic_write_text, clear, fsync_dir
 
 CKPT_DIR = "checkpoints"
 NEWEST = "NEWEST"
@@ -128,8 +128,7 @@ def _write_dir(ckdir: Path, name: str, step: int, tensors: dict[str, dict[str, t
     final = ckdir / name
     tmp = ckdir / f".tmp-{name}-{os.getpid()}"
     old = ckdir / f".tmp-old-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    clear(tmp)  # a leftover of this PID (a link planted there goes, not its target)
     tmp.mkdir()
     try:
         files: dict[str, str] = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from ddpmctl.errors import UsageError
+from ddpmctl.safefile import clear
 
 RUN_MARKER = "spec.json"  # ddpmctl.checkpoint.check_run_dir
 MODEL_MARKERS = ("config.json", "model.safetensors")  # ddpmctl.hub.CONFIG_FILE, MODEL_FILE
@@ -91,10 +92,7 @@ def staged_dir(out: Path, overwrite: bool = False, *, reading: Iterable[Path | s
     with out_lock(out):
         check_out_dir(given, overwrite, reading=reading, model_folder=model_folder)
         tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-        if tmp.is_symlink():
-            tmp.unlink()
-        elif tmp.exists():
-            shutil.rmtree(tmp)
+        clear(tmp)
         tmp.mkdir()
         try:
             yield tmp

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Iterator, TextIO
@@ -56,6 +57,16 @@ def open_append(path: Path | str) -> TextIO:
 def open_update(path: Path | str) -> BinaryIO:
     """Open an existing ddpmctl-owned file for reading and writing in place (``r+b``), never through a symlink."""
     return os.fdopen(open_owned(path, os.O_RDWR), "r+b")
+
+
+def clear(path: Path | str) -> None:
+    """Remove what is at `path` before ddpmctl makes it anew: a symlink itself (never what it points
+    to), a file, or a directory tree."""
+    path = Path(path)
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def fsync_dir(path: Path | str) -> None:
