@@ -20,7 +20,7 @@ import socket
 from pathlib import Path
 from typing import Callable
 
-from ddpmctl.errors import RunDirError, SymlinkError
+from ddpmctl.errors import RunDirError
 from ddpmctl.safefile import open_owned
 
 LOCK_FILE = ".lock"
@@ -30,7 +30,7 @@ try:  # POSIX; elsewhere the lock degrades to an O_EXCL file (no stale-lock dete
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-_held: dict[str, list] = {}  # resolved run dir -> [fd, depth]
+_held: dict[str, list] = {}  # lock file (resolved folder / name) -> [fd, depth]
 
 
 def _read_owner(fd: int) -> str:
@@ -70,9 +70,7 @@ class RunLock:
     def _lock_fd(self) -> int:
         for _ in range(10):  # retry when the file is replaced between open() and flock()
             try:
-                fd = open_owned(self.path, os.O_RDWR | os.O_CREAT)
-            except SymlinkError:
-                raise
+                fd = open_owned(self.path, os.O_RDWR | os.O_CREAT)  # a symlink: SymlinkError, exit 2
             except OSError as exc:
                 raise RunDirError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
             if fcntl is None:  # pragma: no cover

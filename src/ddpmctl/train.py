@@ -33,7 +33,7 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
-from ddpmctl.safefile import open_append, open_owned, open_update
+from ddpmctl.safefile import open_append, open_owned, open_update, refuse_symlink
 from ddpmctl.spec import RunSpec
 from ddpmctl.step import setup_training
 from ddpmctl.unet import build, count_parameters
@@ -596,6 +596,7 @@ def _append_metrics(path: Path, rec: dict) -> int:
 def _truncate_metrics(path: Path, state: dict) -> int:
     """Drop what was logged after the checkpoint we resume from (it will be logged again, identically
     in deterministic mode); return the new length. A torn last line of a killed process goes too."""
+    refuse_symlink(path)  # before anything is read or trained: the log is appended to in place
     if not path.exists():
         return 0
     keep_bytes = state.get("metrics_bytes")

@@ -54,8 +54,8 @@ def sample(
     from ddpmctl.devices import choose_device, choose_precision, describe
     from ddpmctl.dist import rank_device
     from ddpmctl.generate import compile_pays_off, generate, load_source, run_defaults
-    from ddpmctl.images import save_png
     from ddpmctl.hub import HF_PREFIX
+    from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
 
     reading = [source] if source and not source.startswith(HF_PREFIX) else []  # never replaced by --overwrite
