@@ -11,7 +11,8 @@
         epoch_0010/         milestone at a sample epoch: ema.safetensors state.json manifest.json
         NEWEST              name of the newest complete checkpoint, written last
 
-A checkpoint is written into a temporary directory, every file fsynced, the directory renamed
+Every file is written with ddpmctl.safefile (never through a symlink). A checkpoint is written
+into a temporary directory, every file fsynced, the directory renamed
 into place, and only then is NEWEST replaced (atomically). A crash at any moment leaves either the
 old or the new checkpoint as the newest, never a half-written one. Nothing here unpickles.
 
@@ -37,45 +38,13 @@ from safetensors.torch import load_file, save_file
 
 from ddpmctl import __version__
 from ddpmctl.errors import CheckpointError, RunDirError
+from ddpmctl.safefile import atomic_write_text, clear, fsync_dir
 
 CKPT_DIR = "checkpoints"
 NEWEST = "NEWEST"
 TENSOR_FILES = ("model", "ema", "optim", "rng")
 STEP_RE = re.compile(r"^step_\d{8,}$")
 MILESTONE_RE = re.compile(r"^epoch_\d{4,}$")
-
-
-# ---------------------------------------------------------------- atomic files
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a temporary sibling, fsync, rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def sha256_file(path: Path) -> str:
@@ -159,8 +128,7 @@ def _write_dir(ckdir: Path, name: str, step: int, tensors: dict[str, dict[str, t
     final = ckdir / name
     tmp = ckdir / f".tmp-{name}-{os.getpid()}"
     old = ckdir / f".tmp-old-{name}-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    clear(tmp)  # a leftover of this PID (a link planted there goes, not its target)
     tmp.mkdir()
     try:
         files: dict[str, str] = {}
@@ -178,13 +146,13 @@ def _write_dir(ckdir: Path, name: str, step: int, tensors: dict[str, dict[str, t
         files["state.json"] = sha256_file(tmp / "state.json")
         (tmp / "manifest.json").write_text(json.dumps({"files": files, "step": step}, indent=1))
         _fsync_file(tmp / "manifest.json")
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         if before_publish is not None:  # fault-injection hook for tests of crash safety
             before_publish(tmp)
         if final.exists():  # the same step written again (a replay after a crash or a rollback)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(ckdir)
+        fsync_dir(ckdir)
     finally:
         for leftover in (tmp, old):
             if leftover.exists():
@@ -265,7 +233,7 @@ def discard_after(run_dir: Path, ckpt: "Checkpoint") -> list[str]:
             shutil.rmtree(trash, ignore_errors=True)
             removed.append(p.name)
     if removed:
-        _fsync_dir(ckdir)
+        fsync_dir(ckdir)
     return removed
 
 

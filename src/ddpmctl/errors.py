@@ -23,6 +23,10 @@ class SpecError(UsageError):
     """A run spec field is invalid."""
 
 
+class SymlinkError(UsageError):
+    """A symbolic link stands where ddpmctl keeps a file of its own (ddpmctl.safefile refuses it)."""
+
+
 class DataError(DdpmctlError):
     """A dataset could not be found, downloaded, verified or decoded."""
 

@@ -42,6 +42,7 @@ from ddpmctl.data._events import Progress, emitter
 from ddpmctl.data.loader import to_unit_range
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, calc_bpd_loop
 from ddpmctl.errors import DataError, DdpmctlError, NonFiniteError, UsageError
+from ddpmctl.safefile import atomic_write, open_append
 
 Event = Callable[[dict], None]
 
@@ -528,15 +529,8 @@ def reference_cache_dir(data: object, root: Path | str | None = None) -> Path:
 
 def _write_npz(path: Path, **arrays: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path) as f:
+        np.savez(f, **arrays)
 
 
 def _read_npz(path: Path, weights_id: str, digest: str) -> ReferenceStats | None:
@@ -600,7 +594,7 @@ def append_eval_log(directory: Path | str, record: dict) -> Path:
     """Append one JSON line to ``DIRECTORY/eval.jsonl`` (flushed and fsynced)."""
     path = Path(directory) / EVAL_LOG
     line = json.dumps(record, default=str, allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
+    with open_append(path) as f:  # never through a symlink
         f.write(line)
         f.flush()
         os.fsync(f.fileno())

@@ -119,7 +119,7 @@ def export_model_folder(
     """
     from ddpmctl.outdir import check_out_dir, staged_dir
 
-    check_out_dir(Path(out), overwrite)
+    check_out_dir(Path(out), overwrite, reading=[run_dir], model_folder=True)
     if dtype not in DTYPES:
         raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
     if onnx:
@@ -133,7 +133,7 @@ def export_model_folder(
     config = _make_config(spec, run_dir, ckpt, kind, dtype, sum(v.numel() for v in tensors.values()))
 
     out = Path(out)
-    with staged_dir(out, overwrite) as tmp:
+    with staged_dir(out, overwrite, reading=[run_dir], model_folder=True) as tmp:
         (tmp / MODEL_FILE).write_bytes(save_safetensors(tensors, metadata={
             "format": "pt", "ddpmctl": __version__, "dtype": dtype, "weights": kind, "step": str(ckpt.step)}))
         _write_json(tmp / CONFIG_FILE, config)

@@ -10,8 +10,8 @@ from typing import Sequence
 import torch
 from PIL import Image
 
-from ddpmctl.checkpoint import atomic_write_bytes
 from ddpmctl.errors import UsageError
+from ddpmctl.safefile import atomic_write_bytes
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 

@@ -4,6 +4,13 @@ The lock is an advisory ``flock`` on that file, so the kernel releases it when t
 even on SIGKILL. A lock file left behind by a dead process is therefore taken over, with a
 warning that names the dead PID. Locking is re-entrant within one process (the `resume` command
 holds the lock while it rewrites spec.json, then the training loop takes it again).
+
+The same lock guards an output folder that is written whole (``ddpmctl sample --out``,
+``ddpmctl export``): :func:`out_lock` locks ``PARENT/.NAME.lock`` beside it, so a second writer of
+the same folder is refused instead of silently replacing the first one's result.
+
+The lock file is opened with ``O_NOFOLLOW`` (ddpmctl.safefile): a symlink planted at ``.lock`` is
+refused with a message naming it, and its target is never read, truncated or written.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from ddpmctl.errors import RunDirError
+from ddpmctl.safefile import open_owned
 
 LOCK_FILE = ".lock"
 
@@ -22,23 +30,27 @@ try:  # POSIX; elsewhere the lock degrades to an O_EXCL file (no stale-lock dete
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
-_held: dict[str, list] = {}  # resolved run dir -> [fd, depth]
+_held: dict[str, list] = {}  # lock file (resolved folder / name) -> [fd, depth]
 
 
-def _read_owner(path: Path) -> str:
+def _read_owner(fd: int) -> str:
+    """The holder's line, read through the open descriptor (never by name: the name could be swapped)."""
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return os.pread(fd, 256, 0).decode("utf-8", "replace").strip()
     except OSError:
         return ""
 
 
 class RunLock:
-    """``with RunLock(run_dir, on_warning):`` — refuses (RunDirError) while another process trains it."""
+    """``with RunLock(run_dir, on_warning):`` — refuses (RunDirError) while another process trains it.
 
-    def __init__(self, run_dir: Path, on_warning: Callable[[str], None] | None = None):
+    ``path`` puts the lock file elsewhere than ``RUN_DIR/.lock`` (see :func:`out_lock`)."""
+
+    def __init__(self, run_dir: Path, on_warning: Callable[[str], None] | None = None, *,
+                 path: Path | None = None):
         self.run_dir = Path(run_dir)
-        self.path = self.run_dir / LOCK_FILE
-        self.key = str(self.run_dir.resolve())
+        self.path = Path(path) if path is not None else self.run_dir / LOCK_FILE
+        self.key = os.path.join(os.path.realpath(self.path.parent), self.path.name)
         self.on_warning = on_warning
 
     def __enter__(self) -> "RunLock":
@@ -58,7 +70,7 @@ class RunLock:
     def _lock_fd(self) -> int:
         for _ in range(10):  # retry when the file is replaced between open() and flock()
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = open_owned(self.path, os.O_RDWR | os.O_CREAT)  # a symlink: SymlinkError, exit 2
             except OSError as exc:
                 raise RunDirError(f"cannot create the lock file {self.path}: {exc.strerror}") from None
             if fcntl is None:  # pragma: no cover
@@ -66,8 +78,8 @@ class RunLock:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
+                owner = _read_owner(fd)
                 os.close(fd)
-                owner = _read_owner(self.path)
                 raise RunDirError(
                     f"{self.run_dir} is in use by another ddpmctl process ({owner or 'unknown PID'}); "
                     "wait for it to finish or stop it first"
@@ -79,7 +91,7 @@ class RunLock:
             if not same:  # the previous holder removed the file after we opened it
                 os.close(fd)
                 continue
-            previous = _read_owner(self.path)
+            previous = _read_owner(fd)
             if previous and self.on_warning:  # a clean release removes the file: its holder died
                 self.on_warning(f"taking over the stale lock of a ddpmctl process that is no longer running "
                                 f"({previous.split()[0]}) in {self.run_dir}")
@@ -103,3 +115,10 @@ class RunLock:
         except OSError:
             pass
         os.close(fd)
+
+
+def out_lock(out: Path, on_warning: Callable[[str], None] | None = None) -> RunLock:
+    """The lock of an output folder that is written whole: ``PARENT/.NAME.lock``, beside it (the
+    folder itself is replaced when the new one is published)."""
+    out = Path(out)
+    return RunLock(out, on_warning, path=out.parent / f".{out.name}.lock")

@@ -299,7 +299,7 @@ def dump(spec: RunSpec) -> dict:
 
 
 def save(spec: RunSpec, path: Path) -> None:
-    from ddpmctl.checkpoint import atomic_write_text
+    from ddpmctl.safefile import atomic_write_text
 
     atomic_write_text(path, json.dumps(dump(spec), indent=2) + "\n")
 

@@ -33,6 +33,7 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
+from ddpmctl.safefile import open_append, open_owned, open_update, refuse_symlink
 from ddpmctl.spec import RunSpec
 from ddpmctl.step import setup_training
 from ddpmctl.unet import build, count_parameters
@@ -290,10 +291,19 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     ckpt = None
     if not resume:
         if main:
-            _create_run_dir(run_dir)
-            held.enter_context(RunLock(run_dir, on_warning=warn))
+            made = _create_run_dir(run_dir)
+            lock = held.enter_context(RunLock(run_dir, on_warning=warn))
             if (run_dir / "spec.json").exists():
                 raise UsageError(f"{run_dir} already holds a run; continue it with `ddpmctl resume {run_dir}`")
+            made += [] if (run_dir / ck.CKPT_DIR).exists() else [run_dir / ck.CKPT_DIR]
+            try:  # ---- pre-flight: before spec.json, the run dir must take two checkpoints
+                _preflight(run_dir, _checkpoint_bytes(model, ema))
+            except DdpmctlError:  # a refused start leaves nothing behind: the same command can run again
+                lock.release()
+                for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+                    with contextlib.suppress(OSError):
+                        d.rmdir()  # only when empty
+                raise
             specmod.save(spec, run_dir / "spec.json")  # from here on `ddpmctl resume` can continue the run
     else:
         try:
@@ -324,8 +334,8 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                                                 ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
     start_step = c.step
 
-    # ---- pre-flight: before the first step, the run dir must take two checkpoints
-    if main:
+    # ---- pre-flight: before the first step, the run dir must take two checkpoints (a new run: above)
+    if main and resume:
         _preflight(run_dir, _checkpoint_bytes(model, ema))
 
     n_params = count_parameters(model)
@@ -486,9 +496,12 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                        str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale)
 
 
-def _create_run_dir(run_dir: Path) -> None:
+def _create_run_dir(run_dir: Path) -> list[Path]:
+    """Make the run dir (and its missing parents); return the folders it made."""
+    made = [p for p in (run_dir, *run_dir.parents) if not p.exists() and not p.is_symlink()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
+        return made
     except FileExistsError:
         raise UsageError(f"{run_dir} is a file; give a directory for the run") from None
     except NotADirectoryError:
@@ -512,7 +525,8 @@ def _preflight(run_dir: Path, checkpoint_bytes: int) -> None:
     probe = ckdir / f".tmp-probe-{os.getpid()}"
     try:
         ckdir.mkdir(parents=True, exist_ok=True)
-        with open(probe, "wb") as f:
+        probe.unlink(missing_ok=True)
+        with os.fdopen(open_owned(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
             f.write(b"ddpmctl")
             f.flush()
             os.fsync(f.fileno())
@@ -572,7 +586,7 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
 def _append_metrics(path: Path, rec: dict) -> int:
     """Append one record; return the file's length (saved in checkpoints to truncate on resume)."""
     try:
-        with open(path, "a", encoding="utf-8") as f:
+        with open_append(path) as f:  # never through a symlink (ddpmctl.safefile)
             f.write(json.dumps(rec) + "\n")
             return f.tell()
     except OSError as exc:
@@ -582,12 +596,13 @@ def _append_metrics(path: Path, rec: dict) -> int:
 def _truncate_metrics(path: Path, state: dict) -> int:
     """Drop what was logged after the checkpoint we resume from (it will be logged again, identically
     in deterministic mode); return the new length. A torn last line of a killed process goes too."""
+    refuse_symlink(path)  # before anything is read or trained: the log is appended to in place
     if not path.exists():
         return 0
     keep_bytes = state.get("metrics_bytes")
     if keep_bytes is not None:
         if path.stat().st_size > keep_bytes:
-            with open(path, "r+b") as f:
+            with open_update(path) as f:  # never through a symlink (ddpmctl.safefile)
                 f.truncate(keep_bytes)
         return path.stat().st_size
     keep = []  # checkpoints of older versions: truncate by step

@@ -36,7 +36,9 @@ def export(
     = "safetensors",
     license: Annotated[str, typer.Option(help="License in the model card's front matter.")] = "mit",
     device: DeviceOpt = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (an earlier export; never "
+                                            "a run dir, the run read, the current directory or a parent of "
+                                            "one).")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a model folder: model.safetensors, config.json, README.md (model card), samples.png.

@@ -34,7 +34,9 @@ def sample(
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: DeviceOpt = None,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (an earlier output; never "
+                                            "a run dir, model folder, the source, the current directory or a parent "
+                                            "of one).")] = False,
     nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -48,11 +50,13 @@ def sample(
     from ddpmctl.devices import choose_device, choose_precision, describe
     from ddpmctl.dist import rank_device
     from ddpmctl.generate import compile_pays_off, generate, load_source, run_defaults
+    from ddpmctl.hub import HF_PREFIX
     from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
     from ddpmctl.sampler_registry import get_sampler
 
-    check_out_dir(out, overwrite)
+    reading = [source] if source and not source.startswith(HF_PREFIX) else []  # never replaced by --overwrite
+    check_out_dir(out, overwrite, reading=reading)
     if nproc is not None and nproc > 1:
         add = []
         if source is None:  # every worker must sample the same run, even if a newer one appears
@@ -82,9 +86,9 @@ def sample(
     t0 = time.perf_counter()
     nfe = 0
     if not job.distributed:
-        stage = staged_dir(out, overwrite)
+        stage = staged_dir(out, overwrite, reading=reading)
     else:  # rank 0 stages the folder and publishes it after every rank has written its images
-        stage = _shared_stage(job, out, overwrite)
+        stage = _shared_stage(job, out, overwrite, reading)
     with stage as tmp, Progress(console=err_console, disable=not (err_console.is_terminal and job.is_main)) as bar:
         task = bar.add_task("sampling", total=len(mine))
         with job.guard():
@@ -116,13 +120,13 @@ def sample(
 
 
 @contextmanager
-def _shared_stage(job, out: Path, overwrite: bool) -> Iterator[Path]:
+def _shared_stage(job, out: Path, overwrite: bool, reading: list[str]) -> Iterator[Path]:
     """staged_dir for a distributed job: rank 0 makes it and tells the others where it is; only
     rank 0 moves it into place (after the barrier in the caller) or removes it on failure."""
     from ddpmctl.outdir import staged_dir
 
     if job.is_main:
-        with staged_dir(out, overwrite) as tmp:
+        with staged_dir(out, overwrite, reading=reading) as tmp:
             job.broadcast(str(tmp))
             yield tmp
     else:

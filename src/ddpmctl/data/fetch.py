@@ -15,6 +15,7 @@ from pathlib import Path
 from ddpmctl import __version__
 from ddpmctl.data._events import Event, Progress
 from ddpmctl.errors import DataError, NetworkError, UsageError
+from ddpmctl.safefile import open_owned
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -67,7 +68,9 @@ def download_file(url: str, dest: Path, *, sha256: str, on_event: Event | None =
     h = hashlib.sha256()
     req = urllib.request.Request(url, headers={"User-Agent": f"ddpmctl/{__version__}"})
     try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp, open(part, "wb") as out:
+        part.unlink(missing_ok=True)  # a leftover of this PID, or a planted link (the link goes, not its target)
+        with urllib.request.urlopen(req, timeout=timeout) as resp, \
+                os.fdopen(open_owned(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as out:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
             progress = Progress(on_event, "download", total, unit="bytes", source=url)

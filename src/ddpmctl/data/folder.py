@@ -12,6 +12,8 @@ from ddpmctl.data.archive import is_archive, open_archive
 from ddpmctl.data.decode import NOT_IMAGE, Skipped, Source, accepted_extensions, is_image_name
 from ddpmctl.errors import DataError
 
+OUTSIDE_LINK = "symbolic link pointing outside the folder"  # a skip reason (dataset.json `skipped`)
+
 
 @dataclass
 class LocalImages:
@@ -24,16 +26,36 @@ class LocalImages:
     kind: str = "folder"
 
 
+def _escapes(p: Path, root: Path) -> bool:
+    """Whether the symbolic link ``p`` points outside ``root`` (a resolved path)."""
+    try:
+        p.resolve().relative_to(root)
+    except (ValueError, OSError, RuntimeError):  # RuntimeError: a link loop (Python < 3.13)
+        return True
+    return False
+
+
 def scan_folder(folder: Path) -> LocalImages:
-    """Every PNG/JPEG/WebP file under ``folder`` (recursively, sorted by relative path)."""
+    """Every PNG/JPEG/WebP file under ``folder`` (recursively, sorted by relative path).
+
+    Symbolic links that stay inside the folder are read like the files they point to; a link that
+    points outside it (file or folder) is skipped and counted, so preparing a folder never reads
+    files that are not in it (archives refuse such links outright)."""
     skipped = Skipped()
     found: list[tuple[str, Path]] = []
-    for dirpath, dirnames, filenames in os.walk(folder):
+    root = Path(folder).resolve()
+    for dirpath, dirnames, filenames in os.walk(folder):  # never descends into linked folders
+        for d in dirnames:
+            p = Path(dirpath) / d
+            if not d.startswith(".") and p.is_symlink() and _escapes(p, root):
+                skipped.add(OUTSIDE_LINK, p.relative_to(folder).as_posix())
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for fn in filenames:
             p = Path(dirpath) / fn
             rel = p.relative_to(folder).as_posix()
-            if is_image_name(fn):
+            if p.is_symlink() and _escapes(p, root):
+                skipped.add(OUTSIDE_LINK, rel)
+            elif is_image_name(fn):
                 found.append((rel, p))
             else:
                 skipped.add(NOT_IMAGE, rel)
