@@ -558,11 +558,18 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"epoch_{epoch:04d}.png"
     save_png(path, make_grid(imgs, nrow=GRID_NROW, padding=GRID_PADDING))
-    index_path = out_dir / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"grids": []}
-    index["grids"] = [g for g in index["grids"] if g["epoch"] != epoch] + [
+    index_path = run_dir / ck.SAMPLE_INDEX
+    try:
+        grids = ck.read_sample_index(run_dir)
+    except RunDirError as exc:  # never lose the training step to it: keep the damaged file aside, start anew
+        aside = index_path.with_name(f"index.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(index_path, aside)
+        emit({"event": "warning", "message": f"{exc}; moved it to {aside} and started a new index "
+                                             "(the grid images are kept)"})
+        grids = []
+    index = {"grids": [g for g in grids if g["epoch"] != epoch] + [
         {"epoch": epoch, "file": path.name, "n": len(seeds), "nrow": GRID_NROW, "padding": GRID_PADDING,
-         "seed": sp.seed, "sampler": sp.sampler, "steps": sp.steps}]
+         "seed": sp.seed, "sampler": sp.sampler, "steps": sp.steps}]}
     ck.atomic_write_text(index_path, json.dumps(index, indent=1))
     emit({"event": "sample", "epoch": epoch, "path": str(path)})
     del net
