@@ -176,6 +176,15 @@ def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, tuple[torc
         raise error(f"{where}: {problems[0]}{more}{hint}")
 
 
+def check_fits_spec(ckpt: "Checkpoint", name: str, found: dict[str, torch.Tensor],
+                    expected: dict[str, tuple[torch.dtype | None, tuple[int, ...]]],
+                    optional: frozenset[str] = frozenset()) -> None:
+    """A checkpoint's ``name`` tensors fit the network (or optimizer) built from spec.json: the one check
+    `resume` and `sample` make before loading (CheckpointError naming the file and the tensor)."""
+    check_tensors(found, expected, f"{ckpt.path / (name + '.safetensors')}", optional=optional,
+                  hint="; the checkpoint does not fit spec.json: was spec.json edited?")
+
+
 def optimizer_tensor_specs(opt: torch.optim.Optimizer) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """What optimizer_to_tensors writes for AdamW: per parameter index, ``step`` (float32 scalar) and
     the two moments (the parameter's dtype and shape)."""

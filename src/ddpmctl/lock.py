@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 from ddpmctl.errors import RunDirError
+from ddpmctl.smallfiles import read_text_lenient
 
 LOCK_FILE = ".lock"
 
@@ -27,7 +28,7 @@ _held: dict[str, list] = {}  # resolved run dir -> [fd, depth]
 
 def _read_owner(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8").strip()
+        return read_text_lenient(path)  # informational only: damaged bytes must not stop a takeover
     except OSError:
         return ""
 
