@@ -325,3 +325,16 @@ def test_extreme_aspect_ratios_are_skipped_and_counted(tmp_path):
     skipped = [e for e in events if e.get("event") == "skipped"]
     assert len(skipped) == 1 and skipped[0]["count"] == 2
     assert "extreme aspect ratio" in skipped[0]["message"] and "tall.png" in skipped[0]["message"]
+
+
+def test_damaged_eval_log_and_model_card(base, tmp_path, monkeypatch, capsys):
+    """The other readers of files a crash or a user can damage: eval.jsonl is read around a torn or
+    non-UTF-8 line (by `eval` and by the exported card); a model card that is not UTF-8 is named."""
+    from ddpmctl.evaluate import read_eval_log
+
+    (tmp_path / "eval.jsonl").write_bytes(b'{"a": 1}\n\xff\xfe\n[1]\n' + b"[" * DEEP + b'\n{"a": 2}\n{"a": 3, "ti')
+    assert [r["a"] for r in read_eval_log(tmp_path)] == [1, 2]
+    folder = _copy(base, "folder", tmp_path)
+    (folder / "README.md").write_bytes(b"---\nlibrary_name: ddpmctl\n\xff\n")
+    code, out, err = run_main(monkeypatch, capsys, "hub-push", str(folder), "--dry-run")
+    _one_error(code, err, 2, "README.md: not UTF-8 text; expected the model card")

@@ -38,7 +38,7 @@ from ddpmctl import __version__
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
 from ddpmctl.errors import DdpmctlError, NetworkError, SpecError, UsageError
-from ddpmctl.smallfiles import read_object
+from ddpmctl.smallfiles import read_jsonl, read_object
 from ddpmctl.spec import RunSpec
 from ddpmctl.unet import build
 
@@ -210,13 +210,8 @@ def _read_eval(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows: list[dict] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if isinstance(rec, dict):
-            rows += _eval_rows(rec)
+    for rec in read_jsonl(path):  # a torn or damaged line is skipped
+        rows += _eval_rows(rec)
     return rows[-10:]
 
 
@@ -675,7 +670,10 @@ def _stage_folder(folder: Path, dest: Path, repo_id: str) -> None:
             shutil.copy2(p, dest / p.name)
     card = dest / CARD_FILE
     if card.is_file():
-        text = card.read_text(encoding="utf-8")
+        try:
+            text = card.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{folder / CARD_FILE}: not UTF-8 text; expected the model card (Markdown)") from None
         if "library_name: ddpmctl" in text:
             source = shlex.quote(f"{HF_PREFIX}{repo_id}")
             text = re.sub(r"ddpmctl sample ('[^']*'|\S+)", lambda _: f"ddpmctl sample {source}", text)

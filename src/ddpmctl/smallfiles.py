@@ -55,6 +55,21 @@ def read_object(path: Path, *, expect: str, error: type[DdpmctlError] = UsageErr
     return obj
 
 
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines log ddpmctl appends to (eval.jsonl): one object per line. A line that
+    does not parse (torn by a crash, damaged bytes, nested too deeply) or is not an object is skipped."""
+    records = []
+    with open(path, "rb") as f:
+        for raw in f:
+            try:
+                rec = json.loads(raw.decode("utf-8"))
+            except (ValueError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+                continue
+            if isinstance(rec, dict):
+                records.append(rec)
+    return records
+
+
 def read_text_lenient(path: Path) -> str:
     """A small text file ddpmctl writes for itself (checkpoints/NEWEST, .lock), stripped; bytes that are
     not UTF-8 become U+FFFD, so a damaged file reads as a name that matches nothing. OSError passes."""
