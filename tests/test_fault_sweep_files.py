@@ -274,7 +274,8 @@ def test_spec_edited_after_training_is_a_message_in_sample_and_resume(base, tmp_
     spec = json.loads((run_dir / "spec.json").read_text())
     spec["model"]["base_channels"] = 16
     (run_dir / "spec.json").write_text(json.dumps(spec))
-    for args in (["sample", str(run_dir), "--n", "1", "--out", "out"], _resume_args(run_dir, base)):
+    for args in (["sample", str(run_dir), "--n", "1", "--out", "out"], _resume_args(run_dir, base),
+                 ["export", str(run_dir), "--out", "out"]):
         code, _, err = run_main(monkeypatch, capsys, *args)
         _one_error(code, err, 1, "does not fit spec.json: was spec.json edited?", "safetensors: tensor ", "expected float32 [")
     assert not (tmp_path / "out").exists()

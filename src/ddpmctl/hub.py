@@ -128,7 +128,10 @@ def export_model_folder(
     spec = specmod.load(run_dir / "spec.json")
     ckpt = ck.find_newest(run_dir, on_warning=on_warning)
     kind = "ema" if use_ema else "model"
-    tensors = _checked_weights(ckpt.tensors(kind), spec, f"{ckpt.path}/{kind}.safetensors")
+    tensors = ckpt.tensors(kind)
+    with torch.device("meta"):
+        expected = ck.tensor_specs(build(spec.model).state_dict())
+    ck.check_fits_spec(ckpt, kind, tensors, expected)  # the check `sample` and `resume` make
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     config = _make_config(spec, run_dir, ckpt, kind, dtype, sum(v.numel() for v in tensors.values()))
 
