@@ -301,8 +301,9 @@ def test_torn_metrics_line_is_cut_before_appending(base, tmp_path, one_thread):
     assert recorded == metrics.stat().st_size
     with open(metrics, "r+b") as f:
         f.truncate(recorded - 10)  # mid-way through the last record
-    run(S.load(run_dir / "spec.json").model_copy(update={"train": S.load(run_dir / "spec.json").train.model_copy(
-        update={"max_steps": 6})}), run_dir, resume=True, data_root=base["data"])
+    spec = S.load(run_dir / "spec.json")
+    spec.train.max_steps = 6
+    run(spec, run_dir, resume=True, data_root=base["data"])
     recs = [json.loads(line) for line in metrics.read_text().splitlines()]  # every line whole
     steps = [r["step"] for r in recs]
     assert steps == [1, 2, 3, 5, 6]  # step 4's torn record is gone, the rest follow on their own lines
@@ -337,5 +338,5 @@ def test_damaged_eval_log_and_model_card(base, tmp_path, monkeypatch, capsys):
     assert [r["a"] for r in read_eval_log(tmp_path)] == [1, 2]
     folder = _copy(base, "folder", tmp_path)
     (folder / "README.md").write_bytes(b"---\nlibrary_name: ddpmctl\n\xff\n")
-    code, out, err = run_main(monkeypatch, capsys, "hub-push", str(folder), "--dry-run")
+    code, _, err = run_main(monkeypatch, capsys, "hub-push", str(folder), "--dry-run")
     _one_error(code, err, 2, "README.md: not UTF-8 text; expected the model card")
