@@ -37,8 +37,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ddpmctl import __version__
-from ddpmctl.errors import CheckpointError, RunDirError
+from ddpmctl.errors import CheckpointError, DdpmctlError, RunDirError
 from ddpmctl.safefile import atomic_write_text, clear, fsync_dir
+from ddpmctl.smallfiles import read_object, read_text_lenient
 
 CKPT_DIR = "checkpoints"
 NEWEST = "NEWEST"
@@ -105,7 +106,87 @@ class Checkpoint:
         f = self.path / f"{name}.safetensors"
         if not f.exists():
             raise CheckpointError(f"checkpoint {self.path} has no {f.name}")
-        return load_file(str(f), device=str(device))
+        try:
+            return load_file(str(f), device=str(device))
+        except Exception as exc:  # noqa: BLE001 - a malformed header that was hashed into the manifest
+            raise CheckpointError(f"{f} is not a readable safetensors file ({str(exc).splitlines()[0][:200]})") from None
+
+
+# ---------------------------------------------------------------- tensors checked before torch sees them
+def tensor_specs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of live (or meta) tensors: what a loaded file must match."""
+    return {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+
+
+def check_tensors(found: dict[str, torch.Tensor], expected: dict[str, tuple[torch.dtype | None, tuple[int, ...]]],
+                  where: str, *, error: type[DdpmctlError] = CheckpointError, optional: frozenset[str] = frozenset(),
+                  hint: str = "") -> None:
+    """Every tensor in ``found`` has the name, dtype and shape ``expected`` says, before any of it is
+    handed to torch (a moment of the wrong shape crashes fused AdamW; a wrong dtype is cast silently).
+
+    An expected dtype of None accepts any floating-point dtype (exported weights in fp16/bf16/fp32).
+    ``optional`` names may be absent. The message names ``where``, the tensor, expected and found."""
+    def show(dtype, shape) -> str:
+        return f"{'a floating-point dtype' if dtype is None else str(dtype).removeprefix('torch.')} {list(shape)}"
+
+    problems = []
+    for name, (dtype, shape) in expected.items():
+        t = found.get(name)
+        if t is None:
+            if name not in optional:
+                problems.append(f"tensor {name!r} is missing (expected {show(dtype, shape)})")
+            continue
+        ok_dtype = t.is_floating_point() if dtype is None else t.dtype == dtype
+        if not ok_dtype or tuple(t.shape) != tuple(shape):
+            problems.append(f"tensor {name!r} is {show(t.dtype, t.shape)}, expected {show(dtype, shape)}")
+    problems += [f"unexpected tensor {name!r}" for name in found if name not in expected]
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise error(f"{where}: {problems[0]}{more}{hint}")
+
+
+def check_fits_spec(ckpt: "Checkpoint", name: str, found: dict[str, torch.Tensor],
+                    expected: dict[str, tuple[torch.dtype | None, tuple[int, ...]]],
+                    optional: frozenset[str] = frozenset()) -> None:
+    """A checkpoint's ``name`` tensors fit the network (or optimizer) built from spec.json: the one check
+    `resume` and `sample` make before loading (CheckpointError naming the file and the tensor)."""
+    check_tensors(found, expected, f"{ckpt.path / (name + '.safetensors')}", optional=optional,
+                  hint="; the checkpoint does not fit spec.json: was spec.json edited?")
+
+
+def optimizer_tensor_specs(opt: torch.optim.Optimizer) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """What optimizer_to_tensors writes for AdamW: per parameter index, ``step`` (float32 scalar) and
+    the two moments (the parameter's dtype and shape)."""
+    out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    for i, p in enumerate(q for g in opt.param_groups for q in g["params"]):
+        out[f"{i}.step"] = (torch.float32, ())
+        out[f"{i}.exp_avg"] = (p.dtype, tuple(p.shape))
+        out[f"{i}.exp_avg_sq"] = (p.dtype, tuple(p.shape))
+    return out
+
+
+def check_json_like(found, expected, where: str, *, error: type[DdpmctlError] = CheckpointError,
+                    at: str = "") -> None:
+    """``found`` (read from JSON) has the structure of ``expected`` (what the live object would write,
+    e.g. an optimizer's param_groups): the same list lengths, and for keys present in both, values of
+    the same JSON type (numbers interchangeable, booleans not; None in ``expected`` accepts anything)."""
+    def kind(v):
+        return "bool" if isinstance(v, bool) else "number" if isinstance(v, (int, float)) else \
+            "list" if isinstance(v, (list, tuple)) else "object" if isinstance(v, dict) else \
+            "string" if isinstance(v, str) else "null" if v is None else type(v).__name__
+    if expected is None:
+        return
+    if kind(found) != kind(expected):
+        raise error(f"{where}: {at or 'value'} is {kind(found)} {str(found)[:40]!r}, expected {kind(expected)}")
+    if isinstance(expected, dict):
+        for k, v in expected.items():
+            if k in found:
+                check_json_like(found[k], v, where, error=error, at=f"{at}.{k}" if at else str(k))
+    elif isinstance(expected, (list, tuple)):
+        if len(found) != len(expected):
+            raise error(f"{where}: {at or 'value'} has {len(found)} entries, expected {len(expected)}")
+        for i, (a, b) in enumerate(zip(found, expected)):
+            check_json_like(a, b, where, error=error, at=f"{at}[{i}]")
 
 
 def checkpoint_name(step: int) -> str:
@@ -181,8 +262,7 @@ def save_checkpoint(
         _fault("publish", step)
         atomic_write_text(ckdir / NEWEST, name + "\n")
     except OSError as exc:
-        pointer = ckdir / NEWEST
-        intact = pointer.read_text().strip() if pointer.is_file() else "none"
+        intact = _read_newest(ckdir) or "none"
         raise CheckpointError(f"could not write checkpoint {name} in {ckdir}: {exc.strerror or exc}; "
                               f"the newest complete checkpoint is still {intact}") from None
     _prune(ckdir, keep_last, protect=name)
@@ -220,7 +300,7 @@ def discard_after(run_dir: Path, ckpt: "Checkpoint") -> list[str]:
     Returns the names removed."""
     ckdir = Path(run_dir) / CKPT_DIR
     pointer = ckdir / NEWEST
-    if not pointer.is_file() or pointer.read_text().strip() != ckpt.path.name:
+    if _read_newest(ckdir) != ckpt.path.name:
         atomic_write_text(pointer, ckpt.path.name + "\n")
     removed = []
     for p in _step_dirs(ckdir) + milestones(run_dir):
@@ -237,12 +317,20 @@ def discard_after(run_dir: Path, ckpt: "Checkpoint") -> list[str]:
     return removed
 
 
+def _read_newest(ckdir: Path) -> str | None:
+    """The name in checkpoints/NEWEST (damaged bytes read as U+FFFD and match no checkpoint), or None."""
+    try:
+        return read_text_lenient(ckdir / NEWEST)
+    except OSError:
+        return None
+
+
 def _step_of(path: Path) -> int | None:
     if STEP_RE.match(path.name):
         return int(path.name.split("_")[1])
     try:
-        return int(json.loads((path / "state.json").read_text())["step"])
-    except (OSError, ValueError, KeyError, TypeError):
+        return int(read_object(path / "state.json", expect="a checkpoint state")["step"])
+    except (DdpmctlError, ValueError, KeyError, TypeError):
         return None
 
 
@@ -274,9 +362,13 @@ def verify(path: Path, required: tuple[str, ...] = ()) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path.name}: missing")
     try:
-        manifest = json.loads(man.read_text())
+        manifest = read_object(man, expect="a checkpoint manifest", error=CheckpointError)
         listed = dict(manifest["files"])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in listed.items()):
+            raise TypeError
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path.name}: manifest unreadable ({exc})") from None
+    except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{path.name}: manifest unreadable ({exc.__class__.__name__})") from None
     for fname in ("state.json", *(f"{r}.safetensors" for r in required)):
         if fname not in listed:
@@ -287,10 +379,10 @@ def verify(path: Path, required: tuple[str, ...] = ()) -> dict:
             raise CheckpointError(f"{path.name}: {fname} is missing")
         if sha256_file(f) != digest:
             raise CheckpointError(f"{path.name}: {fname} fails its SHA-256 check (truncated or corrupted)")
-    try:
-        return json.loads((path / "state.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path.name}: state.json unreadable ({exc})") from None
+    state = read_object(path / "state.json", expect="a checkpoint state", error=CheckpointError)
+    if not isinstance(state.get("step"), int) or isinstance(state.get("step"), bool) or state["step"] < 0:
+        raise CheckpointError(f"{path / 'state.json'}: \"step\" is {state.get('step')!r}, expected a whole number >= 0")
+    return state
 
 
 def find_newest(run_dir: Path, on_warning: Callable[[str], None] | None = None,
@@ -302,12 +394,13 @@ def find_newest(run_dir: Path, on_warning: Callable[[str], None] | None = None,
     """
     ckdir = Path(run_dir) / CKPT_DIR
     candidates = _step_dirs(ckdir) if ckdir.is_dir() else []
-    pointer = ckdir / NEWEST
-    if pointer.is_file():
-        name = pointer.read_text().strip()
-        if STEP_RE.match(name):
-            named = ckdir / name
-            candidates = [named] + [c for c in candidates if c != named]
+    name = _read_newest(ckdir)
+    if name is not None and STEP_RE.match(name):
+        named = ckdir / name
+        candidates = [named] + [c for c in candidates if c != named]
+    elif name is not None and on_warning:
+        on_warning(f"{ckdir / NEWEST} does not name a checkpoint (expected a name such as step_00001000); "
+                   "using the newest one that verifies")
     if before_step is not None:
         candidates = [c for c in candidates if int(c.name.split("_")[1]) < before_step]
     problems = []
@@ -326,6 +419,31 @@ def find_newest(run_dir: Path, on_warning: Callable[[str], None] | None = None,
 
 
 # ---------------------------------------------------------------- run dirs
+SAMPLE_INDEX = Path("samples") / "index.json"
+_GRID_FIELDS = {"epoch": int, "file": str, "n": int, "nrow": int, "padding": int}
+
+
+def read_sample_index(run_dir: Path) -> list[dict]:
+    """The grids listed in RUN_DIR/samples/index.json ([] when there is none yet), each checked to have
+    epoch, file (a name inside samples/), n, nrow and padding. A damaged file is a RunDirError naming it."""
+    path = Path(run_dir) / SAMPLE_INDEX
+    if not path.exists():
+        return []
+    expect = 'the sample-grid index {"grids": [{"epoch", "file", "n", "nrow", "padding", ...}]}'
+    grids = read_object(path, expect=expect, error=RunDirError).get("grids")
+    if not isinstance(grids, list):
+        raise RunDirError(f"{path}: \"grids\" is {type(grids).__name__}, expected a list; expected {expect}")
+    for i, g in enumerate(grids):
+        bad = (not isinstance(g, dict)) or next(
+            (k for k, t in _GRID_FIELDS.items() if not isinstance(g.get(k), t) or isinstance(g.get(k), bool)), None)
+        if bad is None and (Path(g["file"]).name != g["file"] or g["n"] < 1 or g["nrow"] < 1 or g["padding"] < 0):
+            bad = "file" if Path(g["file"]).name != g["file"] else "n/nrow/padding"
+        if bad:
+            what = f"field {bad!r} of" if isinstance(g, dict) else ""
+            raise RunDirError(f"{path}: {what} grid {i} is malformed; expected {expect}")
+    return grids
+
+
 def check_run_dir(path: Path) -> Path:
     path = Path(path)
     if not path.exists():

@@ -43,6 +43,7 @@ from ddpmctl.data.loader import to_unit_range
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, calc_bpd_loop
 from ddpmctl.errors import DataError, DdpmctlError, NonFiniteError, UsageError
 from ddpmctl.safefile import atomic_write, open_append
+from ddpmctl.smallfiles import read_jsonl
 
 Event = Callable[[dict], None]
 
@@ -542,7 +543,7 @@ def _read_npz(path: Path, weights_id: str, digest: str) -> ReferenceStats | None
                 return None
             return ReferenceStats(z["mu"].astype(np.float64), z["sigma"].astype(np.float64),
                                   z["features"].astype(np.float32), path, True)
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, AttributeError, RecursionError):
         return None  # unreadable or foreign: recompute and replace
 
 
@@ -605,7 +606,7 @@ def read_eval_log(directory: Path | str) -> list[dict]:
     path = Path(directory) / EVAL_LOG
     if not path.is_file():
         return []
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+    return read_jsonl(path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,7 +17,6 @@ from ddpmctl import spec as specmod
 from ddpmctl.cond import Cond
 from ddpmctl.devices import Precision
 from ddpmctl.diffusion import Schedule
-from ddpmctl.errors import UsageError
 from ddpmctl.images import to_uint8
 from ddpmctl.samplers import get_sampler, per_image_generators, randn_per_image, sample
 from ddpmctl.spec import RunSpec
@@ -53,10 +52,12 @@ def load_run(run_dir: Path, *, use_ema: bool = True, device: torch.device | str 
     spec = specmod.load(run_dir / "spec.json")
     ckpt = ck.find_newest(run_dir, on_warning=on_warning)
     model = build(spec.model)
-    weights = ckpt.tensors("ema" if use_ema else "model")
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected or [m for m in missing if m in dict(model.named_parameters())]:
-        raise UsageError(f"{ckpt.path}: weights do not match spec.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    kind = "ema" if use_ema else "model"
+    weights = ckpt.tensors(kind)
+    expected = ck.tensor_specs(model.state_dict())
+    params = set(dict(model.named_parameters()))
+    ck.check_fits_spec(ckpt, kind, weights, expected, optional=frozenset(k for k in expected if k not in params))
+    model.load_state_dict(weights, strict=False)
     model.to(device).eval()
     return Denoiser(model, spec, str(run_dir), ckpt.path.name, "ema" if use_ema else "model")
 

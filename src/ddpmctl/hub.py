@@ -39,6 +39,7 @@ from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
 from ddpmctl.errors import DdpmctlError, NetworkError, SpecError, UsageError
 from ddpmctl.sampler_registry import SAMPLERS, get_sampler
+from ddpmctl.smallfiles import read_jsonl, read_object
 from ddpmctl.spec import RunSpec
 from ddpmctl.unet import build
 
@@ -128,7 +129,10 @@ def export_model_folder(
     spec = specmod.load(run_dir / "spec.json")
     ckpt = ck.find_newest(run_dir, on_warning=on_warning)
     kind = "ema" if use_ema else "model"
-    tensors = _checked_weights(ckpt.tensors(kind), spec, f"{ckpt.path}/{kind}.safetensors")
+    tensors = ckpt.tensors(kind)
+    with torch.device("meta"):
+        expected = ck.tensor_specs(build(spec.model).state_dict())
+    ck.check_fits_spec(ckpt, kind, tensors, expected)  # the check `sample` and `resume` make
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     config = _make_config(spec, run_dir, ckpt, kind, dtype, sum(v.numel() for v in tensors.values()))
 
@@ -153,16 +157,39 @@ def export_model_folder(
 
 
 def _checked_weights(tensors: dict[str, torch.Tensor], spec: RunSpec, where: str) -> dict[str, torch.Tensor]:
-    """The network's parameters from `tensors`, checked against the spec's architecture."""
+    """The network's parameters from `tensors`, checked (names, shapes, a floating-point dtype: weights
+    are stored in fp32, fp16 or bf16) against the spec's architecture."""
     with torch.device("meta"):
-        shapes = {k: tuple(v.shape) for k, v in build(spec.model).state_dict().items()}
-    missing = [k for k in shapes if k not in tensors]
-    unexpected = [k for k in tensors if k not in shapes]
-    wrong = [k for k in shapes if k in tensors and tuple(tensors[k].shape) != shapes[k]]
-    if missing or unexpected or wrong:
-        raise UsageError(f"{where}: weights do not match the spec's network (missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}, wrong shape {wrong[:3]})")
+        shapes = {k: (None, tuple(v.shape)) for k, v in build(spec.model).state_dict().items()}
+    ck.check_tensors(tensors, shapes, where, error=UsageError, hint=": the weights do not fit the network the spec describes")
     return {k: tensors[k] for k in shapes}
+
+
+def read_model_config(folder: Path, where: str | None = None) -> dict:
+    """FOLDER/config.json of a model folder, with the fields ddpmctl reads checked for their types."""
+    where = where or str(folder)
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"{where} is not a ddpmctl model folder: no {CONFIG_FILE}")
+    expect = f'a ddpmctl model config ("format": "{FORMAT}", written by `ddpmctl export`)'
+    config = read_object(path, expect=expect)
+    if config.get("format") != FORMAT:
+        raise UsageError(f"{where}/{CONFIG_FILE} is not a ddpmctl model config (expected \"format\": \"{FORMAT}\"; "
+                         "export one with `ddpmctl export`)")
+    fields = {"format_version": int, "spec_version": int, "ddpmctl_version": str, "training": dict, "weights": dict}
+    for key, typ in fields.items():
+        v = config.get(key)
+        if key in config and (not isinstance(v, typ) or isinstance(v, bool)):
+            raise UsageError(f"{where}/{CONFIG_FILE}: \"{key}\" is {json.dumps(v)[:40]}, expected "
+                             f"{'a whole number' if typ is int else 'a string' if typ is str else 'an object'}")
+    for section, key in (("training", "checkpoint"), ("training", "run"), ("weights", "kind")):
+        v = config.get(section, {}).get(key)
+        if v is not None and not isinstance(v, str):
+            raise UsageError(f"{where}/{CONFIG_FILE}: \"{section}.{key}\" is {json.dumps(v)[:40]}, expected a string")
+    if config.get("format_version", 1) > FORMAT_VERSION:
+        raise UsageError(f"{where} was exported by a newer ddpmctl ({config.get('ddpmctl_version')}); "
+                         f"this is {__version__}: upgrade ddpmctl")
+    return config
 
 
 def _dataset_info(source: str) -> tuple[str, list[str]]:
@@ -187,13 +214,8 @@ def _read_eval(run_dir: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows: list[dict] = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line
-        if isinstance(rec, dict):
-            rows += _eval_rows(rec)
+    for rec in read_jsonl(path):  # a torn or damaged line is skipped
+        rows += _eval_rows(rec)
     return rows[-10:]
 
 
@@ -494,18 +516,7 @@ def load_model_folder(folder: Path, *, device: torch.device | str = "cpu", sourc
                 f"(unpickling can run arbitrary code): it needs {MODEL_FILE} (re-export with `ddpmctl export`)")
         raise UsageError(f"{where} is not a ddpmctl model folder: no {MODEL_FILE} (ddpmctl loads safetensors "
                          "weights only, never pickled *.bin/*.pt/*.pth/*.ckpt)")
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{where} is not a ddpmctl model folder: no {CONFIG_FILE}") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{where}/{CONFIG_FILE} is not valid JSON: {exc}") from None
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise UsageError(f"{where}/{CONFIG_FILE} is not a ddpmctl model config (expected \"format\": \"{FORMAT}\"; "
-                         "export one with `ddpmctl export`)")
-    if int(config.get("format_version", 1)) > FORMAT_VERSION:
-        raise UsageError(f"{where} was exported by a newer ddpmctl ({config.get('ddpmctl_version')}); "
-                         f"this is {__version__}: upgrade ddpmctl")
+    config = read_model_config(folder, where)
     spec_data = {k: config[k] for k in ("preset", "model", "diffusion", "sample") if k in config}
     if "spec_version" in config:
         spec_data["version"] = config["spec_version"]
@@ -664,7 +675,10 @@ def _stage_folder(folder: Path, dest: Path, repo_id: str) -> None:
             shutil.copy2(p, dest / p.name)
     card = dest / CARD_FILE
     if card.is_file():
-        text = card.read_text(encoding="utf-8")
+        try:
+            text = card.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"{folder / CARD_FILE}: not UTF-8 text; expected the model card (Markdown)") from None
         if "library_name: ddpmctl" in text:
             source = shlex.quote(f"{HF_PREFIX}{repo_id}")
             text = re.sub(r"ddpmctl sample ('[^']*'|\S+)", lambda _: f"ddpmctl sample {source}", text)
@@ -696,10 +710,7 @@ def push(
     path, kind = resolve_source(source)
     config = None
     if kind == "folder":
-        try:
-            config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            config = None
+        config = read_model_config(path)
     name = repo_name_for(_source_name(path, config))
     if repo_id is not None:
         _check_repo_id(repo_id)

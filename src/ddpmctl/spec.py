@@ -7,7 +7,6 @@ Every field is typed and bounded; cross-field validators say what would work.
 from __future__ import annotations
 
 import json
-import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ddpmctl import __version__
 from ddpmctl.errors import SpecError, UsageError
 from ddpmctl.sampler_registry import SamplerName
+from ddpmctl.smallfiles import read_object
 
 SPEC_VERSION = 1
 
@@ -196,9 +196,13 @@ def _format_error(exc: ValidationError) -> str:
             lines.append(f"{loc}: {msg}")
             continue
         inp = e.get("input")
-        shown = "" if isinstance(inp, dict) else f", got {inp!r}"
+        shown = "" if isinstance(inp, dict) else f", got {_short(repr(inp))}"
         lines.append(f"{loc or 'spec'}: {msg}{shown}")
     return "; ".join(lines)
+
+
+def _short(text: str, limit: int = 80) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _known_fields(section: str) -> list[str]:
@@ -240,19 +244,15 @@ def load_spec_file(path: Path) -> dict:
     """Read a TOML or JSON spec file (partial specs allowed)."""
     if not path.is_file():
         raise UsageError(f"spec file {path} does not exist or is not a file")
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".toml":
-            return tomllib.loads(text)
-        return json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"spec file {path} is not valid {'TOML' if path.suffix == '.toml' else 'JSON'}: {exc}") from None
+    return read_object(path, expect="a (partial) run spec with sections such as model, train, optim")
 
 
 def _parse_value(raw: str) -> Any:
     """`--set` values: JSON when it parses (numbers, true/false, lists), else the plain string."""
     try:
         return json.loads(raw)
+    except RecursionError:
+        raise UsageError(f"--set value {_short(raw)!r} is nested too deeply") from None
     except json.JSONDecodeError:
         if "," in raw:  # 1,2,2,2 -> [1, 2, 2, 2]
             return [_parse_value(p) for p in raw.split(",")]
@@ -271,7 +271,11 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
         if section not in RunSpec.model_fields or section in ("version", "preset"):
             sections = [s for s in RunSpec.model_fields if s not in ("version", "preset")]
             raise UsageError(f"--set {item!r}: unknown section {section!r}; sections: {', '.join(sections)}")
-        out[section] = {**out.get(section, {}), field: _parse_value(raw.strip())}
+        current = out.get(section, {})
+        if not isinstance(current, dict):
+            raise UsageError(f"--set {item!r}: section {section!r} of the spec is {_short(repr(current))}, "
+                             "not a table of fields")
+        out[section] = {**current, field: _parse_value(raw.strip())}
     return out
 
 
@@ -305,10 +309,12 @@ def save(spec: RunSpec, path: Path) -> None:
 
 
 def load(path: Path) -> RunSpec:
+    """RUN_DIR/spec.json -> RunSpec; any problem is a UsageError naming the file."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError(f"{path} not found: not a ddpmctl run directory")
+    data = read_object(path, expect="a ddpmctl run spec")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(f"{path} not found: not a ddpmctl run directory") from None
-    except json.JSONDecodeError as exc:
-        raise UsageError(f"{path} is not valid JSON: {exc}") from None
-    return validate(data)
+        return validate(data)
+    except SpecError as exc:
+        raise SpecError(f"{path}: {exc}") from None

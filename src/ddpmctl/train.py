@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
@@ -252,21 +253,34 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     metrics_path = run_dir / "metrics.jsonl"
 
     def restore(ckpt: ck.Checkpoint, *, everything: bool) -> None:
-        """Load a checkpoint into the live objects. A rollback keeps the run-wide counters."""
-        st = ckpt.state
+        """Load a checkpoint into the live objects. A rollback keeps the run-wide counters.
+
+        Everything is checked before torch sees it: state.json's field types, and every tensor's name,
+        dtype and shape against the live model, EMA, optimizer and RNG streams (a forged optimizer
+        moment of the wrong shape would crash fused AdamW; a wrong dtype would be cast silently)."""
+        st = _checked_state(ckpt, opt, scaler)
+        tensors = {name: ckpt.tensors(name, device) for name in ("model", "ema", "optim")}
+        ck.check_fits_spec(ckpt, "model", tensors["model"], ck.tensor_specs(model.state_dict()))
+        ck.check_fits_spec(ckpt, "ema", tensors["ema"], ck.tensor_specs(ema.state_dict()))
+        ck.check_fits_spec(ckpt, "optim", tensors["optim"], ck.optimizer_tensor_specs(opt))
+        rng = ckpt.tensors("rng")
+        live_rng = {"cpu": torch.get_rng_state(), "noise": gen.get_state()}
+        if device.type == "cuda":
+            live_rng["cuda"] = torch.cuda.get_rng_state(device)
+        ck.check_tensors(rng, ck.tensor_specs(live_rng), str(ckpt.path / "rng.safetensors"),
+                         optional=frozenset({"cuda"}))
         try:
-            model.load_state_dict(ckpt.tensors("model", device))
-            ema.load_state_dict(ckpt.tensors("ema", device))
-            ck.optimizer_from_tensors(opt, ckpt.tensors("optim", device), st["optimizer"])
+            model.load_state_dict(tensors["model"])
+            ema.load_state_dict(tensors["ema"])
+            ck.optimizer_from_tensors(opt, tensors["optim"], st["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{ckpt.path} does not fit spec.json ({str(exc).splitlines()[0][:200]}); "
                                   "was spec.json edited?") from None
-        rng = ckpt.tensors("rng")
         torch.set_rng_state(rng["cpu"])
         gen.set_state(rng["noise"].to(gen.device) if device.type != "cuda" else rng["noise"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        if scaler is not None and "scaler" in st:
+        if scaler is not None and st.get("scaler") is not None:
             scaler.load_state_dict(st["scaler"])
         ema.num_updates = st["ema_updates"]
         c.step, c.images_seen, c.window_steps = st["step"], st["images_seen"], st.get("window_steps", 0)
@@ -496,6 +510,69 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                        str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale)
 
 
+class _Window(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    loss_sum: float = 0.0
+    gnorm_sum: float = 0.0
+    bad: int = Field(0, ge=0)
+    streak: int = Field(0, ge=0)
+    trip: int = Field(-1, ge=-1)
+
+
+class _OptimState(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    param_groups: list[dict]
+    scalars: dict[str, dict[str, float]] = {}
+
+
+class TrainState(BaseModel):
+    """The types of the state.json fields `resume` reads back (what ``save()`` in :func:`run` writes);
+    fields of older checkpoints that lack one take its default."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    step: int = Field(ge=0)
+    images_seen: int = Field(ge=0)
+    ema_updates: int = Field(ge=0)
+    optimizer: _OptimState
+    skipped_steps: int = Field(0, ge=0)
+    rollbacks: int = Field(0, ge=0)
+    lr_scale: float = Field(1.0, gt=0, le=1)
+    last_loss: float | None = None
+    window_steps: int = Field(0, ge=0)
+    window: _Window = _Window()
+    metrics_bytes: int | None = Field(None, ge=0)
+    retreat: list[int] | None = Field(None, min_length=2, max_length=2)
+    steps_per_epoch: int | None = Field(None, ge=1)
+    precision: str | None = None
+    scaler: dict | None = None
+
+
+def _checked_state(ckpt: ck.Checkpoint, opt: torch.optim.Optimizer, scaler) -> dict:
+    """ckpt.state with every field resume uses checked for its type (CheckpointError naming the field),
+    the optimizer's param groups and the grad scaler's state against what the live ones would write."""
+    where = str(ckpt.path / "state.json")
+    try:
+        st = TrainState.model_validate(ckpt.state).model_dump()
+    except ValidationError as exc:
+        e = exc.errors()[0]
+        field_name = ".".join(str(p) for p in e["loc"])
+        raise CheckpointError(f"{where}: field {field_name!r}: {e['msg']} (found {str(e.get('input'))[:40]!r})"
+                              f"{'' if len(exc.errors()) == 1 else f' (and {len(exc.errors()) - 1} more)'}") from None
+    live = json.loads(json.dumps(opt.state_dict()["param_groups"]))
+    ck.check_json_like(st["optimizer"]["param_groups"], live, where, at="optimizer.param_groups")
+    for i, (found, want) in enumerate(zip(st["optimizer"]["param_groups"], live)):
+        if found.get("params") != want["params"]:  # torch maps saved state to parameters by these indices
+            raise CheckpointError(f"{where}: optimizer.param_groups[{i}].params does not list the parameters "
+                                  f"0..{len(want['params']) - 1} of spec.json's network in order")
+    n_params = sum(len(g["params"]) for g in live)
+    bad = [k for k in st["optimizer"]["scalars"] if not k.isdigit() or int(k) >= n_params]
+    if bad:
+        raise CheckpointError(f"{where}: optimizer.scalars names parameter {bad[0]!r}, expected 0..{n_params - 1}")
+    if scaler is not None and st.get("scaler") is not None:
+        ck.check_json_like(st["scaler"], scaler.state_dict(), where, at="scaler")
+    return st
+
+
 def _create_run_dir(run_dir: Path) -> list[Path]:
     """Make the run dir (and its missing parents); return the folders it made."""
     made = [p for p in (run_dir, *run_dir.parents) if not p.exists() and not p.is_symlink()]
@@ -572,11 +649,18 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"epoch_{epoch:04d}.png"
     save_png(path, make_grid(imgs, nrow=GRID_NROW, padding=GRID_PADDING))
-    index_path = out_dir / "index.json"
-    index = json.loads(index_path.read_text()) if index_path.exists() else {"grids": []}
-    index["grids"] = [g for g in index["grids"] if g["epoch"] != epoch] + [
+    index_path = run_dir / ck.SAMPLE_INDEX
+    try:
+        grids = ck.read_sample_index(run_dir)
+    except RunDirError as exc:  # never lose the training step to it: keep the damaged file aside, start anew
+        aside = index_path.with_name(f"index.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(index_path, aside)
+        emit({"event": "warning", "message": f"{exc}; moved it to {aside} and started a new index "
+                                             "(the grid images are kept)"})
+        grids = []
+    index = {"grids": [g for g in grids if g["epoch"] != epoch] + [
         {"epoch": epoch, "file": path.name, "n": len(seeds), "nrow": GRID_NROW, "padding": GRID_PADDING,
-         "seed": sp.seed, "sampler": sp.sampler, "steps": sp.steps}]
+         "seed": sp.seed, "sampler": sp.sampler, "steps": sp.steps}]}
     ck.atomic_write_text(index_path, json.dumps(index, indent=1))
     emit({"event": "sample", "epoch": epoch, "path": str(path)})
     del net
@@ -595,22 +679,41 @@ def _append_metrics(path: Path, rec: dict) -> int:
 
 def _truncate_metrics(path: Path, state: dict) -> int:
     """Drop what was logged after the checkpoint we resume from (it will be logged again, identically
-    in deterministic mode); return the new length. A torn last line of a killed process goes too."""
+    in deterministic mode); return the new length. The file is cut to the length the checkpoint
+    recorded, and then to its last complete line: a line torn by a crash (even one the checkpoint
+    counted, when the file lost its unsynced tail) never has the next record glued onto it."""
     refuse_symlink(path)  # before anything is read or trained: the log is appended to in place
     if not path.exists():
         return 0
     keep_bytes = state.get("metrics_bytes")
     if keep_bytes is not None:
-        if path.stat().st_size > keep_bytes:
+        size = path.stat().st_size
+        keep = _complete_lines_length(path, min(size, keep_bytes))
+        if size > keep:
             with open_update(path) as f:  # never through a symlink (ddpmctl.safefile)
-                f.truncate(keep_bytes)
+                f.truncate(keep)
         return path.stat().st_size
     keep = []  # checkpoints of older versions: truncate by step
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line).get("step", 0) <= state["step"]:
-                keep.append(line)
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):
             continue
+        if isinstance(rec, dict) and isinstance(rec.get("step", 0), (int, float)) and rec.get("step", 0) <= state["step"]:
+            keep.append(line)
     ck.atomic_write_text(path, "".join(k + "\n" for k in keep))
     return path.stat().st_size
+
+
+def _complete_lines_length(path: Path, limit: int) -> int:
+    """The length of the longest prefix of ``path``, at most ``limit`` bytes, that ends with a newline."""
+    with open(path, "rb") as f:
+        end = limit
+        while end > 0:
+            start = max(0, end - (1 << 16))
+            f.seek(start)
+            i = f.read(end - start).rfind(b"\n")
+            if i >= 0:
+                return start + i + 1
+            end = start
+    return 0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -68,8 +67,7 @@ def _evolution(run_dir: Path, n: int):
 
     run_dir = ck.check_run_dir(run_dir)
     size = specmod.load(run_dir / "spec.json").model.image_size
-    index_path = run_dir / "samples" / "index.json"
-    grids = json.loads(index_path.read_text())["grids"] if index_path.exists() else []
+    grids = ck.read_sample_index(run_dir)
     if not grids:
         raise UsageError(f"{run_dir} has no saved sample grids yet (samples/index.json); train for an epoch first")
     grids = sorted(grids, key=lambda g: g["epoch"])

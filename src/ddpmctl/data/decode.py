@@ -5,7 +5,8 @@ dataset gets the same treatment:
 
 1. open with Pillow (header only) and refuse images over :data:`MAX_IMAGE_PIXELS`
    (decompression bombs: a tiny file that claims a huge canvas);
-2. apply the EXIF orientation; flatten transparency onto white;
+2. skip images with one side over :data:`MAX_ASPECT` times the other (their centred square is a
+   sliver); apply the EXIF orientation; flatten transparency onto white;
 3. crop (a fixed relative box, or the largest centred square), then resize to ``size`` x ``size``
    with Pillow's antialiased bicubic filter;
 4. convert to L (ITU-R 601-2 luma) or RGB.
@@ -23,7 +24,6 @@ import warnings
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Iterable, Iterator, Union
 
 import numpy as np
@@ -43,6 +43,9 @@ Source = Union[bytes, str, os.PathLike]
 UNDECODABLE = "undecodable or truncated image"
 BOMB = "decompression bomb (more than %d pixels)" % MAX_IMAGE_PIXELS
 NOT_IMAGE = "not an image file"
+# A centred square of a 500x1 strip is one pixel: upscaled, it is a flat colour, not a training image.
+MAX_ASPECT = 8
+EXTREME_ASPECT = "extreme aspect ratio (one side over %d times the other)" % MAX_ASPECT
 
 
 class SkipImage(Exception):
@@ -80,6 +83,7 @@ class Preprocess:
             "channels": {1: "L (ITU-R 601-2 luma)", 3: "RGB", None: "auto"}[self.channels],
             "exif_orientation": "applied",
             "alpha": "flattened onto white",
+            "aspect_ratio": f"images with one side over {MAX_ASPECT}x the other are skipped",
         }
 
 
@@ -110,6 +114,8 @@ def decode_image(src: Source, pp: Preprocess) -> tuple[np.ndarray, bool]:
             raise SkipImage(BOMB)
         if w < 1 or h < 1:
             raise SkipImage(UNDECODABLE)
+        if max(w, h) > MAX_ASPECT * min(w, h):
+            raise SkipImage(EXTREME_ASPECT)
         try:
             box = _crop_box(w, h, pp)
             side = min(box[2] - box[0], box[3] - box[1])
@@ -140,7 +146,8 @@ def decode_image(src: Source, pp: Preprocess) -> tuple[np.ndarray, bool]:
             if im.mode != mode:
                 im = im.convert(mode)
             # Crop first (resize(box=...) would let pixels outside the box bleed into the edges).
-            ibox = tuple(int(round(v)) for v in box)
+            left, top = (min(int(round(v)), n - 1) for v, n in zip(box[:2], (w, h)))
+            ibox = (left, top, max(left + 1, int(round(box[2]))), max(top + 1, int(round(box[3]))))  # >= 1 px
             if ibox != (0, 0, w, h):
                 im = im.crop(ibox)
             if im.size != (pp.size, pp.size):

@@ -205,7 +205,7 @@ def find_image_column(schema, metadata: dict | None, column: str | None, where: 
     if metadata and b"huggingface" in metadata:
         try:
             feats = json.loads(metadata[b"huggingface"]).get("info", {}).get("features", {}) or {}
-        except (ValueError, AttributeError):
+        except (ValueError, AttributeError, RecursionError):
             feats = {}
     for name, f in feats.items():
         if isinstance(f, dict) and f.get("_type") == "Image" and name in names:

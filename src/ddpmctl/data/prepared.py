@@ -28,6 +28,7 @@ import numpy as np
 
 from ddpmctl import __version__
 from ddpmctl.errors import DataError, UsageError
+from ddpmctl.smallfiles import read_object
 
 FORMAT = "ddpmctl-dataset/1"
 INFO_FILE = "dataset.json"
@@ -93,11 +94,9 @@ def read_info(ds_dir: Path) -> dict | None:
     p = ds_dir / INFO_FILE
     if not p.is_file():
         return None
-    try:
-        info = json.loads(p.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise DataError(f"cannot read {p}: {exc}; delete {ds_dir} and download it again") from exc
-    if not isinstance(info, dict) or info.get("format") != FORMAT:
+    info = read_object(p, expect=f"a ddpmctl dataset description (format {FORMAT})", error=DataError,
+                       hint=f"; delete {ds_dir} and download it again")
+    if info.get("format") != FORMAT:
         raise DataError(f"{p} is not a ddpmctl dataset description (format {FORMAT}); "
                         f"delete {ds_dir} and download it again")
     return info
