@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddpmctl import __version__
 from ddpmctl.errors import SpecError, UsageError
@@ -103,6 +103,21 @@ class TrainSpec(_Section):
     log_every: int = Field(50, ge=1, description="Read metrics from the device and log every N steps.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile: auto = on for CUDA.")
     deterministic: bool = Field(False, description="Deterministic algorithms (always on for CPU).")
+    time_limit: Optional[float] = Field(None, gt=0, le=365 * 86400, description="Seconds of this process's wall "
+                                        "time after which training stops at the next step boundary with a "
+                                        "checkpoint (also 30m, 2h, 1d); `ddpmctl resume` continues.")
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            from ddpmctl.durations import ACCEPTED, parse_duration
+
+            try:
+                return parse_duration(v, "time_limit")
+            except UsageError:
+                raise ValueError(f"expected {ACCEPTED}") from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":

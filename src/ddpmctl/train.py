@@ -26,6 +26,7 @@ from typing import Callable
 import torch
 
 from ddpmctl import checkpoint as ck
+from ddpmctl.bench import ESTIMATE_MIN_STEPS
 from ddpmctl import spec as specmod
 from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
 from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
@@ -38,6 +39,8 @@ from ddpmctl.step import setup_training
 from ddpmctl.unet import build, count_parameters
 
 Event = Callable[[dict], None]
+PROCESS_START = time.monotonic()  # train.time_limit counts this process's wall time from here
+_TIME_LIMIT_FLAG = 1 << 8  # above any signal number: the stop flags of all ranks agree in one max_int
 GRID_NROW = 8
 GRID_PADDING = 2
 
@@ -75,6 +78,8 @@ class TrainResult:
     samples: list[str] = field(default_factory=list)
     rollbacks: int = 0
     lr_scale: float = 1.0
+    stopped: str | None = None  # "time_limit": stopped early at train.time_limit, with a checkpoint
+    total_steps: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -239,6 +244,14 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     total_steps = tr.max_steps or tr.epochs * steps_per_epoch
     rows = dist.shard(global_batch)  # this rank's rows of the global t and noise
 
+    # ---- the estimate of the run's wall time: a few real steps on random data with a throw-away
+    #      model (before the run's own seeding, so it changes nothing); skipped for tiny runs
+    estimate = None
+    if total_steps > ESTIMATE_MIN_STEPS and not dist.distributed:
+        from ddpmctl.bench import estimate_step_seconds
+
+        estimate = estimate_step_seconds(spec, device, precision)
+
     # ---- model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it)
     torch.manual_seed(tr.seed)
     training = setup_training(spec, device, precision, emit, dist=dist)  # the same setup `ddpmctl bench` measures
@@ -332,7 +345,9 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     emit({"event": "start", "run_dir": str(run_dir), "device": describe(device), "precision": precision.name,
           "parameters": n_params, "images": int(data.images.shape[0]), "steps_per_epoch": steps_per_epoch,
           "total_steps": total_steps, "start_step": c.step, "compile": forward is not model,
-          "deterministic": deterministic, "world_size": dist.world_size, "global_batch": global_batch})
+          "deterministic": deterministic, "world_size": dist.world_size, "global_batch": global_batch,
+          "estimate": None if estimate is None else
+          {**estimate, "steps": total_steps - c.step, "seconds": estimate["step_seconds"] * (total_steps - c.step)}})
 
     def append_metrics(rec: dict) -> None:
         if main:
@@ -432,9 +447,12 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
         c.window_steps += 1
         stats.update(loss, gnorm, finite, c.step)
         emit({"event": "tick", "step": c.step, "epoch": c.step / steps_per_epoch})
-        # read once (a signal from here on is handled next step), and agreed by every rank
-        signum = dist.max_int(stop.signum or 0)
-        stopping = signum != 0
+        # read once (a signal from here on is handled next step), and agreed by every rank; the time
+        # limit is a host clock check, so it costs no device sync
+        out_of_time = tr.time_limit is not None and time.monotonic() - PROCESS_START >= tr.time_limit
+        flags = dist.max_int((stop.signum or 0) | (_TIME_LIMIT_FLAG if out_of_time else 0))
+        signum, out_of_time = flags & (_TIME_LIMIT_FLAG - 1), bool(flags & _TIME_LIMIT_FLAG)
+        stopping = signum != 0 or out_of_time
         epoch_end = c.step % steps_per_epoch == 0
         done = c.step >= total_steps
 
@@ -455,9 +473,9 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             c.window_steps, window_start = 0, time.perf_counter()
             if trip >= 0:
                 target = rollback(trip, lr)
-                if stopping:
+                if signum:
                     raise Interrupted(signum, run_dir, c.step, target.path)
-                continue
+                continue  # out of time: stops after the next step, with a checkpoint of it
 
         # sample: a fixed-seed grid every sample_every epochs and at the end (+ an EMA milestone)
         side_start = time.perf_counter()  # sampling and checkpoints are kept out of images/s
@@ -476,14 +494,19 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             warn(f"step {c.step}: checkpoint postponed while training steps are non-finite")
         window_start += time.perf_counter() - side_start
 
-        # stop on a signal, after the checkpoint
-        if stopping and not done:
+        # stop on a signal or at the time limit, after the checkpoint
+        if signum and not done:
             raise Interrupted(signum, run_dir, c.step, last_ckpt)
+        if out_of_time and not done:
+            return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
+                               str(last_ckpt), c.skipped, samples, c.rollbacks, c.lr_scale, "time_limit",
+                               total_steps)
 
     if last_ckpt is None and c.step > 0:  # resumed a finished run: nothing to do
         last_ckpt = ck.find_newest(run_dir).path
     return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
-                       str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale)
+                       str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale,
+                       None, total_steps)
 
 
 def _create_run_dir(run_dir: Path) -> None:

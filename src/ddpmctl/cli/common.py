@@ -51,6 +51,9 @@ DeviceOpt = Annotated[
 ]
 PRECISION_HELP = ("auto | fp32 | bf16 | fp16 (auto: bf16 where the device computes it natively: CUDA, CPUs with "
                   "AVX512-BF16 or AMX; else fp32).")
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines (without a "
+                                       "terminal a line comes at least every 30 s otherwise); warnings and errors "
+                                       "still show.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 OutDirOpt = Annotated[Optional[Path], typer.Option("--out", help="Output path.")]
 
