@@ -35,7 +35,7 @@ from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDir
 from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
 from ddpmctl.spec import RunSpec
-from ddpmctl.step import setup_training
+from ddpmctl.step import optimizer_for, setup_training
 from ddpmctl.unet import build, count_parameters
 
 Event = Callable[[dict], None]
@@ -255,8 +255,8 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     # ---- model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it)
     torch.manual_seed(tr.seed)
     training = setup_training(spec, device, precision, emit, dist=dist)  # the same setup `ddpmctl bench` measures
-    model, opt, ema, scaler = training.model, training.opt, training.ema, training.scaler
-    forward, train_step = training.forward, training.step
+    model, ema, scaler = training.model, training.ema, training.scaler  # training.opt/.step: see warm start
+    forward = training.forward
     gen = _noise_generator(device, tr.seed + 1)
 
     c = Counters()
@@ -269,7 +269,8 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
         try:
             model.load_state_dict(ckpt.tensors("model", device))
             ema.load_state_dict(ckpt.tensors("ema", device))
-            ck.optimizer_from_tensors(opt, ckpt.tensors("optim", device), st["optimizer"])
+            training.use_optimizer(st.get("optimizer_name", "adamw"))  # the one that wrote it (older: AdamW)
+            ck.optimizer_from_tensors(training.opt, ckpt.tensors("optim", device), st["optimizer"])
         except (RuntimeError, KeyError, ValueError) as exc:
             raise CheckpointError(f"{ckpt.path} does not fit spec.json ({str(exc).splitlines()[0][:200]}); "
                                   "was spec.json edited?") from None
@@ -364,12 +365,12 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     def save() -> Path:
         if c.retreat is not None and c.step > c.retreat[1]:
             c.retreat = None  # got past the step that diverged last time
-        opt_tensors, opt_meta = ck.optimizer_to_tensors(opt)
+        opt_tensors, opt_meta = ck.optimizer_to_tensors(training.opt)
         rng = {"cpu": torch.get_rng_state(), "noise": gen.get_state().cpu()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {"epoch": c.step / steps_per_epoch, "images_seen": c.images_seen, "ema_updates": ema.num_updates,
-                 "optimizer": opt_meta, "skipped_steps": c.skipped, "rollbacks": c.rollbacks,
+                 "optimizer": opt_meta, "optimizer_name": training.opt_name, "skipped_steps": c.skipped, "rollbacks": c.rollbacks,
                  "lr_scale": c.lr_scale, "last_loss": c.last_loss, "total_steps": total_steps,
                  "steps_per_epoch": steps_per_epoch, "window_steps": c.window_steps, "window": stats.state_dict(),
                  "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed,
@@ -438,10 +439,15 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
         t = torch.randint(0, T, (global_batch,), device=device, generator=gen)[rows]
         noise = torch.randn((global_batch, *x0.shape[1:]), device=device, generator=gen)[rows]
 
+        # warm start (optim.warm_start_steps): SGD with momentum until then, AdamW with a fresh state after
+        if training.use_optimizer(optimizer_for(c.step, spec)):
+            emit({"event": "optimizer", "step": c.step, "name": training.opt_name,
+                  "message": f"step {c.step}: SGD warm start over, switching to AdamW with a fresh state"})
+
         # forward / backward / update / EMA (no host sync; a non-finite step is skipped on the device)
         lr = get_lr(c.step, op.lr, op.warmup_steps) * c.lr_scale
         with dist.guard():  # a rank that died shows up here first, as a failed all-reduce
-            loss, gnorm, finite = train_step(x0, t, noise, lr)
+            loss, gnorm, finite = training.step(x0, t, noise, lr)
         c.step += 1
         c.images_seen += global_batch
         c.window_steps += 1
