@@ -26,8 +26,8 @@ from typing import Callable
 import torch
 
 from ddpmctl import checkpoint as ck
-from ddpmctl.bench import ESTIMATE_MIN_STEPS
 from ddpmctl import spec as specmod
+from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
 from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
 from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
 from ddpmctl.ema import EMA
@@ -248,8 +248,6 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     #      model (before the run's own seeding, so it changes nothing); skipped for tiny runs
     estimate = None
     if total_steps > ESTIMATE_MIN_STEPS and not dist.distributed:
-        from ddpmctl.bench import estimate_step_seconds
-
         estimate = estimate_step_seconds(spec, device, precision)
 
     # ---- model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it)

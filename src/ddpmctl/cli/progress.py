@@ -53,7 +53,7 @@ def human_bytes(n: float | None) -> str:
 
 def describe_estimate(est: dict | None, device_type: str) -> str | None:
     """'~10 h 20 min (from 3 timed steps ...)' plus, past a day, what would shorten it."""
-    if est is None or est.get("seconds") is None:
+    if est is None or est.get("seconds") is None or est.get("steps", 0) <= 0:
         return None
     text = (f"estimated wall time ~{human_duration(est['seconds'])} for {est['steps']:,} steps "
             f"(from {est['method']} on this device; sample grids and checkpoints add to it)")
