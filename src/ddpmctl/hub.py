@@ -415,7 +415,8 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"| images seen | {_fmt(tr.get('images_seen'))} |",
         f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE) |",
         f"| batch size | {_fmt(tr.get('batch_size'))} |",
-        f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after {_fmt(tr.get('warmup_steps'))} warm-up steps, "
+        f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after "
+        f"{_fmt(tr.get('warmup_steps'))} warm-up steps, "
         f"weight decay {_fmt(tr.get('weight_decay'))}, gradient clip {_fmt(tr.get('grad_clip'))} |",
         f"| EMA decay | {_fmt(tr.get('ema_decay'))} |",
         f"| preset | {config.get('preset')} |",

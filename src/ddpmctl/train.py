@@ -368,7 +368,8 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {"epoch": c.step / steps_per_epoch, "images_seen": c.images_seen, "ema_updates": ema.num_updates,
-                 "optimizer": opt_meta, "optimizer_name": training.opt_name, "skipped_steps": c.skipped, "rollbacks": c.rollbacks,
+                 "optimizer": opt_meta, "optimizer_name": training.opt_name, "skipped_steps": c.skipped,
+                 "rollbacks": c.rollbacks,
                  "lr_scale": c.lr_scale, "last_loss": c.last_loss, "total_steps": total_steps,
                  "steps_per_epoch": steps_per_epoch, "window_steps": c.window_steps, "window": stats.state_dict(),
                  "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed,
