@@ -19,6 +19,8 @@ from ddpmctl.samplers import PerImageNoise, noise_chunk_steps, per_image_generat
 from ddpmctl.step import _CompiledOrEager, make_sample_fn, maybe_compile
 from ddpmctl.unet import Attention, ResBlock, build
 
+pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+
 F64 = torch.float64
 
 TINY_BENCH = ["--preset", "shapes", "--device", "cpu", "--batch-size", "2", "--steps", "1", "--repeats", "1",

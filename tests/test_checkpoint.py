@@ -6,6 +6,8 @@ import torch
 from ddpmctl import checkpoint as ck
 from ddpmctl.errors import CheckpointError, RunDirError
 
+pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+
 
 def _tensors(v: float):
     return {"model": {"w": torch.full((4, 4), v)}, "ema": {"w": torch.full((4, 4), v / 2)},

@@ -31,7 +31,7 @@ def test_dry_run_json_cifar10_parameter_count(cli, tmp_path):
 
 
 def test_dry_run_readable(cli):
-    r = cli("train", "shapes", "--dry-run", "--epochs", "3")
+    r = cli("train", "shapes", "--dry-run", "--epochs", "3", "--max-steps", "10")  # too short to time (test_cost)
     assert r.returncode == 0
     assert '"epochs": 3' in r.stdout and "parameters:" in r.stdout
 

@@ -68,9 +68,9 @@ def test_runtime_error_exit_1(cli, tmp_path):
 
 
 def test_progress_renderer_plain_lines(capfd):
-    from ddpmctl.cli.download import DataProgress
+    from ddpmctl.cli.progress import ProgressView
 
-    with DataProgress() as on_event:
+    with ProgressView() as on_event:
         on_event({"event": "progress", "stage": "prepare", "split": "train", "done": 0, "total": 10,
                   "unit": "images", "images_per_s": 0.0, "final": False})
         on_event({"event": "progress", "stage": "prepare", "split": "train", "done": 10, "total": 10,

@@ -7,6 +7,8 @@ import torch
 
 from ddpmctl.data.loader import DeviceLoader, epoch_permutation, to_unit_range
 
+pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+
 
 def _images(n=200, c=3, s=8):
     g = torch.Generator().manual_seed(0)

@@ -17,6 +17,8 @@ from ddpmctl import evaluate as ev
 from ddpmctl.diffusion import Schedule
 from ddpmctl.errors import UsageError
 
+pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+
 TINY = ["--set", "model.base_channels=16", "--set", "model.groups=8", "--set", "model.head_channels=16",
         "--set", "model.time_embed_dim=32", "--set", "sample.grid_size=4", "--set", "sample.steps=3"]
 NEEDS_EXTRA = "needs the optional 'eval' extra (pip install 'ddpmctl[eval]'): torch-fidelity's Inception-v3"

@@ -22,6 +22,8 @@ from ddpmctl.samplers import (
     sample,
 )
 
+pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+
 F64 = torch.float64
 SHAPE = (1, 16, 16)  # 256 independent "pixels" per image; statistics pool over images and pixels
 MU = torch.linspace(-0.3, 0.3, 256, dtype=F64).reshape(SHAPE)  # per-pixel data mean

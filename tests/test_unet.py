@@ -6,6 +6,8 @@ import torch
 from ddpmctl import spec as S
 from ddpmctl.unet import build, count_parameters, timestep_embedding
 
+pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+
 
 @pytest.mark.parametrize("preset", ["shapes", "mnist", "cifar10"])
 def test_shapes_per_preset(preset):

@@ -363,3 +363,47 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+# ------------------------------------------------------------------------------------------------
+# The estimate of a run's wall time (`train --dry-run` and the start line of `train`)
+# ------------------------------------------------------------------------------------------------
+
+ESTIMATE_MIN_STEPS = 50  # runs of at most this many steps get no estimate: the warm-up would be a share of them
+ESTIMATE_TIMED_STEPS = 3  # timed steps after one untimed one (allocation, compilation)
+ESTIMATE_BUDGET_S = 5.0  # stop timing early once the timed steps took this long (at least one is timed)
+ESTIMATE_CPU_BATCH = 32  # CPU images/s hardly depends on the batch: time a smaller one and scale
+
+
+def estimate_step_seconds(spec: RunSpec, device: torch.device, precision, emit: Event = _ignore) -> dict:
+    """Seconds per optimizer step of ``spec`` on ``device``: one untimed then up to
+    :data:`ESTIMATE_TIMED_STEPS` timed steps of the real training step (``setup_training``'s, with the
+    spec's compile setting) on random uint8 data of the spec's shape, with a throw-away model.
+
+    On the CPU the batch is capped at :data:`ESTIMATE_CPU_BATCH` and the time scaled linearly to the
+    spec's batch. The process's global RNG and math flags are left as they were. Returns
+    ``{"step_seconds", "timed_steps", "batch", "scaled_to", "method"}``."""
+    batch = spec.train.batch_size
+    probe = min(batch, ESTIMATE_CPU_BATCH) if device.type == "cpu" else batch
+    probe_spec = spec.model_copy(update={"train": spec.train.model_copy(update={"batch_size": probe})})
+    cuda_rng = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    with _restore_global_state():
+        one_step, read, training = ddpmctl_train_step(probe_spec, device, precision, emit=emit)
+        one_step()
+        read()
+        sync(device)
+        timed, t0 = 0, time.perf_counter()
+        while timed < ESTIMATE_TIMED_STEPS and (timed == 0 or time.perf_counter() - t0 < ESTIMATE_BUDGET_S):
+            one_step()  # the CPU runs it at once; an accelerator's steps are queued, and fast
+            timed += 1
+        read()
+        sync(device)
+        elapsed = time.perf_counter() - t0
+        del one_step, read, training
+    _free(device)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state(cuda_rng, device)
+    step_s = elapsed / timed * batch / probe
+    method = f"{timed} timed step{'s' if timed > 1 else ''}" + (
+        f" at batch {probe}, scaled to {batch}" if probe != batch else "")
+    return {"step_seconds": step_s, "timed_steps": timed, "batch": probe, "scaled_to": batch, "method": method}

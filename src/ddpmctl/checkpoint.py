@@ -155,10 +155,16 @@ def check_fits_spec(ckpt: "Checkpoint", name: str, found: dict[str, torch.Tensor
 
 
 def optimizer_tensor_specs(opt: torch.optim.Optimizer) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
-    """What optimizer_to_tensors writes for AdamW: per parameter index, ``step`` (float32 scalar) and
-    the two moments (the parameter's dtype and shape)."""
+    """What optimizer_to_tensors writes (after the first step), per parameter index: for AdamW
+    ``step`` (float32 scalar) and the two moments, for SGD with momentum (the warm start) the momentum
+    buffer, in the parameter's dtype and shape."""
     out: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    for i, p in enumerate(q for g in opt.param_groups for q in g["params"]):
+    params = [q for g in opt.param_groups for q in g["params"]]
+    if isinstance(opt, torch.optim.SGD):
+        if any(g.get("momentum", 0) for g in opt.param_groups):
+            out.update({f"{i}.momentum_buffer": (p.dtype, tuple(p.shape)) for i, p in enumerate(params)})
+        return out
+    for i, p in enumerate(params):
         out[f"{i}.step"] = (torch.float32, ())
         out[f"{i}.exp_avg"] = (p.dtype, tuple(p.shape))
         out[f"{i}.exp_avg_sq"] = (p.dtype, tuple(p.shape))

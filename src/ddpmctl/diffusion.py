@@ -341,14 +341,17 @@ def discretized_gaussian_log_likelihood(x: Tensor, means: Tensor, log_scales: Te
     ``x`` lies in [-1, 1] on the grid of 256 levels (bin width 2/255). Each bin is integrated under
     N(means, exp(log_scales)^2); the edge bins extend to -inf and +inf. Uses the exact normal CDF
     (improved-diffusion uses a tanh approximation of it) and, for the inner bins, the CDF of the side
-    that avoids cancellation; probabilities are floored at 1e-12 as in improved-diffusion.
+    that avoids cancellation. Every bin's probability, the edge bins' included, is floored at 1e-12 as in
+    improved-diffusion (``log(clamp(cdf, min=1e-12))``), so a badly placed mean on a saturated pixel
+    costs at most -log(1e-12) = 27.6 nats instead of an unbounded amount.
     """
     centered = x - means
     inv_std = torch.exp(-log_scales)
     plus_in = inv_std * (centered + 1.0 / 255.0)
     min_in = inv_std * (centered - 1.0 / 255.0)
-    log_cdf_plus = torch.special.log_ndtr(plus_in)  # bin [-inf, x + 1/255]
-    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in)  # bin [x - 1/255, inf]
+    log_floor = math.log(1e-12)  # log is monotonic: clamping the log equals the log of the clamped CDF
+    log_cdf_plus = torch.special.log_ndtr(plus_in).clamp(min=log_floor)  # bin [-inf, x + 1/255]
+    log_one_minus_cdf_min = torch.special.log_ndtr(-min_in).clamp(min=log_floor)  # bin [x - 1/255, inf]
     ndtr = torch.special.ndtr
     cdf_delta = torch.where(centered > 0, ndtr(-min_in) - ndtr(-plus_in), ndtr(plus_in) - ndtr(min_in))
     log_mid = torch.log(cdf_delta.clamp(min=1e-12))

@@ -275,6 +275,9 @@ def _make_config(spec: RunSpec, run_dir: Path, ckpt: ck.Checkpoint, kind: str, d
             "final_loss": st.get("last_loss"),
             "skipped_steps": st.get("skipped_steps", 0),
             "batch_size": spec.train.batch_size,
+            "optimizer": ("SGD (momentum {:g})".format(spec.optim.momentum) if spec.optim.name == "sgd" else
+                          "AdamW" + (f" after {spec.optim.warm_start_steps} steps of SGD (momentum "
+                                     f"{spec.optim.momentum:g})" if spec.optim.warm_start_steps else "")),
             "lr": spec.optim.lr,
             "warmup_steps": spec.optim.warmup_steps,
             "weight_decay": spec.optim.weight_decay,
@@ -436,7 +439,8 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"| images seen | {_fmt(tr.get('images_seen'))} |",
         f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE) |",
         f"| batch size | {_fmt(tr.get('batch_size'))} |",
-        f"| optimizer | AdamW, lr {_fmt(tr.get('lr'))} after {_fmt(tr.get('warmup_steps'))} warm-up steps, "
+        f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after "
+        f"{_fmt(tr.get('warmup_steps'))} warm-up steps, "
         f"weight decay {_fmt(tr.get('weight_decay'))}, gradient clip {_fmt(tr.get('grad_clip'))} |",
         f"| EMA decay | {_fmt(tr.get('ema_decay'))} |",
         f"| preset | {config.get('preset')} |",

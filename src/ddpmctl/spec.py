@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ddpmctl import __version__
 from ddpmctl.errors import SpecError, UsageError
@@ -75,7 +75,8 @@ class DataSpec(_Section):
 
 
 class OptimSpec(_Section):
-    lr: float = Field(2e-4, gt=0, le=1.0, description="Peak AdamW learning rate.")
+    name: Literal["adamw", "sgd"] = Field("adamw", description="adamw, or sgd (with momentum) for the whole run.")
+    lr: float = Field(2e-4, gt=0, le=1.0, description="Peak learning rate (of SGD too, warm start included).")
     weight_decay: float = Field(2e-4, ge=0, le=1.0, description="AdamW weight decay (seed project's value).")
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.999, ge=0, lt=1)
@@ -84,6 +85,16 @@ class OptimSpec(_Section):
     ema_decay: float = Field(0.9999, ge=0, lt=1, description="EMA decay (reached after warm-up).")
     ema_warmup: bool = Field(True, description="EMA decay min(decay, (1+n)/(10+n)) so short runs get a useful EMA.")
     lr_backoff: float = Field(0.5, gt=0, le=1.0, description="Learning-rate factor applied at each NaN rollback.")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum (name = sgd, and the warm start).")
+    warm_start_steps: int = Field(0, ge=0, description="With adamw: SGD with momentum for the first N steps, then "
+                                  "AdamW with a fresh state (the seed project's cure for NaN images at 64x64).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "OptimSpec":
+        if self.name == "sgd" and self.warm_start_steps:
+            raise ValueError("warm_start_steps switches from SGD to AdamW, so it needs name = adamw "
+                             "(name = sgd trains with SGD throughout); set warm_start_steps = 0 or name = adamw")
+        return self
 
 
 class TrainSpec(_Section):
@@ -104,6 +115,21 @@ class TrainSpec(_Section):
     log_every: int = Field(50, ge=1, description="Read metrics from the device and log every N steps.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile: auto = on for CUDA.")
     deterministic: bool = Field(False, description="Deterministic algorithms (always on for CPU).")
+    time_limit: Optional[float] = Field(None, gt=0, le=365 * 86400, description="Seconds of this process's wall "
+                                        "time after which training stops at the next step boundary with a "
+                                        "checkpoint (also 30m, 2h, 1d); `ddpmctl resume` continues.")
+
+    @field_validator("time_limit", mode="before")
+    @classmethod
+    def _duration(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            from ddpmctl.durations import ACCEPTED, parse_duration
+
+            try:
+                return parse_duration(v, "time_limit")
+            except UsageError:
+                raise ValueError(f"expected {ACCEPTED}") from None
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> "TrainSpec":

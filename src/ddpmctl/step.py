@@ -131,6 +131,25 @@ def maybe_compile(model, mode: str, device: torch.device, emit: Event):
         return model
 
 
+def optimizer_for(step: int, spec: RunSpec) -> str:
+    """The optimizer that takes optimizer step ``step`` (zero-based): ``optim.name``, except that
+    with ``optim.warm_start_steps`` = N the first N steps are SGD with momentum, then AdamW."""
+    op = spec.optim
+    return "sgd" if op.name == "sgd" or step < op.warm_start_steps else "adamw"
+
+
+def make_optimizer(name: str, model: nn.Module, spec: RunSpec, device: torch.device) -> torch.optim.Optimizer:
+    """Fused AdamW or fused SGD with momentum (fused: a step whose ``found_inf`` is set is skipped on
+    the device), with the spec's learning rate, weight decay, betas / momentum."""
+    op = spec.optim
+    fused = device.type in ("cuda", "cpu")
+    if name == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=op.lr, momentum=op.momentum, weight_decay=op.weight_decay,
+                               fused=fused)
+    return torch.optim.AdamW(model.parameters(), lr=op.lr, betas=(op.beta1, op.beta2),
+                             weight_decay=op.weight_decay, fused=fused)
+
+
 @dataclass
 class Training:
     """What one training step needs, built the way the training loop builds it."""
@@ -142,11 +161,27 @@ class Training:
     scaler: torch.amp.GradScaler | None
     schedule: Schedule
     step: Callable
+    spec: RunSpec
+    device: torch.device
+    precision: object
+    reduce: Callable | None
+    opt_name: str = "adamw"
+
+    def use_optimizer(self, name: str) -> bool:
+        """Switch to a fresh optimizer ``name`` (new state, a new step around it); False if already."""
+        if name == self.opt_name:
+            return False
+        self.opt = make_optimizer(name, self.model, self.spec, self.device)
+        self.opt_name = name
+        self.step = make_train_step(self.forward, self.model, self.opt, self.ema, self.schedule, self.spec,
+                                    self.precision, self.device, self.scaler, self.reduce)
+        return True
 
 
 def setup_training(spec: RunSpec, device: torch.device, precision, emit: Event = _ignore,
                    compile_mode: str | bool | None = None, dist=None) -> Training:
-    """Model (channels_last on CUDA), fused AdamW, EMA, optional compile and the train step.
+    """Model (channels_last on CUDA), the optimizer of step 0 (:func:`optimizer_for`: fused AdamW, or
+    fused SGD with momentum), EMA, optional compile and the train step.
 
     ``compile_mode`` defaults to ``spec.train.compile``. Seeds are the caller's business.
     ``dist`` (a :class:`ddpmctl.dist.Dist` with more than one rank): the forward runs through
@@ -155,8 +190,8 @@ def setup_training(spec: RunSpec, device: torch.device, precision, emit: Event =
     op = spec.optim
     model = build_model(spec, device)
     schedule = Schedule.create(spec.diffusion.schedule, spec.diffusion.timesteps).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=op.lr, betas=(op.beta1, op.beta2),
-                            weight_decay=op.weight_decay, fused=device.type in ("cuda", "cpu"))
+    opt_name = optimizer_for(0, spec)
+    opt = make_optimizer(opt_name, model, spec, device)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None
     ema = EMA(model, op.ema_decay, op.ema_warmup)
     net, reduce = model, None
@@ -168,7 +203,7 @@ def setup_training(spec: RunSpec, device: torch.device, precision, emit: Event =
         reduce = dist.mean
     forward = maybe_compile(net, spec.train.compile if compile_mode is None else compile_mode, device, emit)
     step = make_train_step(forward, model, opt, ema, schedule, spec, precision, device, scaler, reduce)
-    return Training(model, forward, opt, ema, scaler, schedule, step)
+    return Training(model, forward, opt, ema, scaler, schedule, step, spec, device, precision, reduce, opt_name)
 
 
 def build_model(spec: RunSpec, device: torch.device) -> nn.Module:

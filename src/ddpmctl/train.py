@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
+from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
 from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
 from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
 from ddpmctl.ema import EMA
@@ -36,10 +37,12 @@ from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
 from ddpmctl.safefile import open_append, open_owned, open_update, refuse_symlink
 from ddpmctl.spec import RunSpec
-from ddpmctl.step import setup_training
+from ddpmctl.step import optimizer_for, setup_training
 from ddpmctl.unet import build, count_parameters
 
 Event = Callable[[dict], None]
+PROCESS_START = time.monotonic()  # train.time_limit counts this process's wall time from here
+_TIME_LIMIT_FLAG = 1 << 8  # above any signal number: the stop flags of all ranks agree in one max_int
 GRID_NROW = 8
 GRID_PADDING = 2
 
@@ -77,6 +80,8 @@ class TrainResult:
     samples: list[str] = field(default_factory=list)
     rollbacks: int = 0
     lr_scale: float = 1.0
+    stopped: str | None = None  # "time_limit": stopped early at train.time_limit, with a checkpoint
+    total_steps: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -241,11 +246,17 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     total_steps = tr.max_steps or tr.epochs * steps_per_epoch
     rows = dist.shard(global_batch)  # this rank's rows of the global t and noise
 
+    # ---- the estimate of the run's wall time: a few real steps on random data with a throw-away
+    #      model (before the run's own seeding, so it changes nothing); skipped for tiny runs
+    estimate = None
+    if total_steps > ESTIMATE_MIN_STEPS and not dist.distributed:
+        estimate = estimate_step_seconds(spec, device, precision)
+
     # ---- model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it)
     torch.manual_seed(tr.seed)
     training = setup_training(spec, device, precision, emit, dist=dist)  # the same setup `ddpmctl bench` measures
-    model, opt, ema, scaler = training.model, training.opt, training.ema, training.scaler
-    forward, train_step = training.forward, training.step
+    model, ema, scaler = training.model, training.ema, training.scaler  # training.opt/.step: see warm start
+    forward = training.forward
     gen = _noise_generator(device, tr.seed + 1)
 
     c = Counters()
@@ -258,6 +269,12 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
         Everything is checked before torch sees it: state.json's field types, and every tensor's name,
         dtype and shape against the live model, EMA, optimizer and RNG streams (a forged optimizer
         moment of the wrong shape would crash fused AdamW; a wrong dtype would be cast silently)."""
+        name = ckpt.state.get("optimizer_name", "adamw")  # the one that wrote it (older checkpoints: AdamW)
+        if name not in ("adamw", "sgd"):
+            raise CheckpointError(f"{ckpt.path / 'state.json'}: field 'optimizer_name': expected 'adamw' or 'sgd', "
+                                  f"found {str(name)[:40]!r}")
+        training.use_optimizer(name)
+        opt = training.opt
         st = _checked_state(ckpt, opt, scaler)
         tensors = {name: ckpt.tensors(name, device) for name in ("model", "ema", "optim")}
         ck.check_fits_spec(ckpt, "model", tensors["model"], ck.tensor_specs(model.state_dict()))
@@ -356,7 +373,9 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     emit({"event": "start", "run_dir": str(run_dir), "device": describe(device), "precision": precision.name,
           "parameters": n_params, "images": int(data.images.shape[0]), "steps_per_epoch": steps_per_epoch,
           "total_steps": total_steps, "start_step": c.step, "compile": forward is not model,
-          "deterministic": deterministic, "world_size": dist.world_size, "global_batch": global_batch})
+          "deterministic": deterministic, "world_size": dist.world_size, "global_batch": global_batch,
+          "estimate": None if estimate is None else
+          {**estimate, "steps": total_steps - c.step, "seconds": estimate["step_seconds"] * (total_steps - c.step)}})
 
     def append_metrics(rec: dict) -> None:
         if main:
@@ -373,12 +392,13 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     def save() -> Path:
         if c.retreat is not None and c.step > c.retreat[1]:
             c.retreat = None  # got past the step that diverged last time
-        opt_tensors, opt_meta = ck.optimizer_to_tensors(opt)
+        opt_tensors, opt_meta = ck.optimizer_to_tensors(training.opt)
         rng = {"cpu": torch.get_rng_state(), "noise": gen.get_state().cpu()}
         if device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(device)
         state = {"epoch": c.step / steps_per_epoch, "images_seen": c.images_seen, "ema_updates": ema.num_updates,
-                 "optimizer": opt_meta, "skipped_steps": c.skipped, "rollbacks": c.rollbacks,
+                 "optimizer": opt_meta, "optimizer_name": training.opt_name, "skipped_steps": c.skipped,
+                 "rollbacks": c.rollbacks,
                  "lr_scale": c.lr_scale, "last_loss": c.last_loss, "total_steps": total_steps,
                  "steps_per_epoch": steps_per_epoch, "window_steps": c.window_steps, "window": stats.state_dict(),
                  "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed,
@@ -447,18 +467,26 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
         t = torch.randint(0, T, (global_batch,), device=device, generator=gen)[rows]
         noise = torch.randn((global_batch, *x0.shape[1:]), device=device, generator=gen)[rows]
 
+        # warm start (optim.warm_start_steps): SGD with momentum until then, AdamW with a fresh state after
+        if training.use_optimizer(optimizer_for(c.step, spec)):
+            emit({"event": "optimizer", "step": c.step, "name": training.opt_name,
+                  "message": f"step {c.step}: SGD warm start over, switching to AdamW with a fresh state"})
+
         # forward / backward / update / EMA (no host sync; a non-finite step is skipped on the device)
         lr = get_lr(c.step, op.lr, op.warmup_steps) * c.lr_scale
         with dist.guard():  # a rank that died shows up here first, as a failed all-reduce
-            loss, gnorm, finite = train_step(x0, t, noise, lr)
+            loss, gnorm, finite = training.step(x0, t, noise, lr)
         c.step += 1
         c.images_seen += global_batch
         c.window_steps += 1
         stats.update(loss, gnorm, finite, c.step)
         emit({"event": "tick", "step": c.step, "epoch": c.step / steps_per_epoch})
-        # read once (a signal from here on is handled next step), and agreed by every rank
-        signum = dist.max_int(stop.signum or 0)
-        stopping = signum != 0
+        # read once (a signal from here on is handled next step), and agreed by every rank; the time
+        # limit is a host clock check, so it costs no device sync
+        out_of_time = tr.time_limit is not None and time.monotonic() - PROCESS_START >= tr.time_limit
+        flags = dist.max_int((stop.signum or 0) | (_TIME_LIMIT_FLAG if out_of_time else 0))
+        signum, out_of_time = flags & (_TIME_LIMIT_FLAG - 1), bool(flags & _TIME_LIMIT_FLAG)
+        stopping = signum != 0 or out_of_time
         epoch_end = c.step % steps_per_epoch == 0
         done = c.step >= total_steps
 
@@ -479,9 +507,9 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             c.window_steps, window_start = 0, time.perf_counter()
             if trip >= 0:
                 target = rollback(trip, lr)
-                if stopping:
+                if signum:
                     raise Interrupted(signum, run_dir, c.step, target.path)
-                continue
+                continue  # out of time: stops after the next step, with a checkpoint of it
 
         # sample: a fixed-seed grid every sample_every epochs and at the end (+ an EMA milestone)
         side_start = time.perf_counter()  # sampling and checkpoints are kept out of images/s
@@ -500,14 +528,19 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
             warn(f"step {c.step}: checkpoint postponed while training steps are non-finite")
         window_start += time.perf_counter() - side_start
 
-        # stop on a signal, after the checkpoint
-        if stopping and not done:
+        # stop on a signal or at the time limit, after the checkpoint
+        if signum and not done:
             raise Interrupted(signum, run_dir, c.step, last_ckpt)
+        if out_of_time and not done:
+            return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
+                               str(last_ckpt), c.skipped, samples, c.rollbacks, c.lr_scale, "time_limit",
+                               total_steps)
 
     if last_ckpt is None and c.step > 0:  # resumed a finished run: nothing to do
         last_ckpt = ck.find_newest(run_dir).path
     return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
-                       str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale)
+                       str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale,
+                       None, total_steps)
 
 
 class _Window(BaseModel):

@@ -55,6 +55,9 @@ PRECISION_HELP = ("auto | fp32 | bf16 | fp16 (auto: bf16 where the device comput
 # --sampler: the registry's names and summaries (sample, grid, eval); None = the command's default
 SamplerOpt = Annotated[Optional[SamplerName], typer.Option(
     "--sampler", help=f"{sampler_help()} (default: the run's spec.sample.sampler).")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or progress lines (without a "
+                                       "terminal a line comes at least every 30 s otherwise); warnings and errors "
+                                       "still show.")]
 SeedOpt = Annotated[Optional[int], typer.Option("--seed", help="Random seed.")]
 OutDirOpt = Annotated[Optional[Path], typer.Option("--out", help="Output path.")]
 

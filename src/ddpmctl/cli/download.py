@@ -9,92 +9,9 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ddpmctl.cli.common import JsonOpt, app, err_console, info, out_console, print_json, warn
+from ddpmctl.cli.common import JsonOpt, QuietOpt, app, info, out_console, print_json
+from ddpmctl.cli.progress import ProgressView, human_bytes
 from ddpmctl.errors import UsageError
-
-PLAIN_EVERY_S = 5.0  # plain progress lines when stderr is not a terminal
-
-
-def _human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
-
-
-class DataProgress:
-    """Renders ddpmctl.data events on stderr: rich progress bars on a terminal, plain lines otherwise.
-
-    Usable by any command that loads data: ``with DataProgress() as on_event: load_images(..., on_event=on_event)``.
-    """
-
-    def __init__(self, quiet: bool = False):
-        self.quiet = quiet
-        self.live = err_console.is_terminal and not quiet
-        self.progress = None
-        self.tasks: dict = {}
-        self.last_plain: dict = {}
-
-    def __enter__(self) -> "DataProgress":
-        if self.live:
-            from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
-
-            self.progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), TaskProgressColumn(),
-                TextColumn("{task.fields[detail]}"), TimeRemainingColumn(),
-                console=err_console, transient=False,
-            )
-            self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.progress is not None:
-            self.progress.__exit__(*exc)
-            self.progress = None
-
-    @staticmethod
-    def _describe(ev: dict) -> tuple[str, str]:
-        unit = ev.get("unit", "images")
-        label = ev.get("stage", "prepare") + (f" {ev['split']}" if ev.get("split") else "")
-        rate = ev.get(f"{unit}_per_s") or 0.0
-        if unit == "bytes":
-            done = f"{_human_bytes(ev.get('done'))}/{_human_bytes(ev.get('total'))}"
-            return label, f"{done} · {_human_bytes(rate)}/s"
-        total = ev.get("total")
-        return label, f"{ev.get('done', 0)}/{total if total is not None else '?'} {unit} · {rate:,.0f} {unit}/s"
-
-    def __call__(self, ev: dict) -> None:
-        kind = ev.get("event")
-        if kind == "progress":
-            if self.quiet:
-                return
-            key = (ev.get("stage"), ev.get("split"), ev.get("source"))
-            label, detail = self._describe(ev)
-            if self.progress is not None:
-                if key not in self.tasks:
-                    self.tasks[key] = self.progress.add_task(label, total=ev.get("total"), detail="")
-                self.progress.update(self.tasks[key], completed=ev.get("done", 0), total=ev.get("total"),
-                                     detail=detail)
-                return
-            now = time.monotonic()
-            first = key not in self.last_plain
-            if first or ev.get("final") or now - self.last_plain[key] >= PLAIN_EVERY_S:
-                if first and not ev.get("done") and not ev.get("final"):
-                    self.last_plain[key] = now
-                    return
-                self.last_plain[key] = now
-                info(escape(f"{label}: {detail}" + (" (done)" if ev.get("final") else "")))
-            return
-        if kind == "skipped":
-            warn(escape(ev.get("message") or f"skipped {ev.get('count')} file(s): {ev.get('reason')}"))
-        elif kind in ("download", "convert", "message"):
-            if not self.quiet or kind == "download":
-                info(escape(ev.get("message", "")))
-        elif ev.get("message"):
-            info(escape(ev["message"]))
 
 
 def _list(root: Optional[Path], as_json: bool) -> None:
@@ -118,13 +35,13 @@ def _list(root: Optional[Path], as_json: bool) -> None:
             t.add_column(col, justify="right" if col in ("count", "size", "channels", "disk") else "left")
         for d in rows:
             if "error" in d:
-                t.add_row(escape(d["name"]), "-", "-", "-", _human_bytes(d["bytes"]), f"[red]{escape(d['error'])}[/]")
+                t.add_row(escape(d["name"]), "-", "-", "-", human_bytes(d["bytes"]), f"[red]{escape(d['error'])}[/]")
                 continue
             counts = " / ".join(f"{s} {n}" for s, n in d["counts"].items())
             t.add_row(escape(d["name"]), escape(counts), f"{d['size']}x{d['size']}", str(d["channels"]),
-                      _human_bytes(d["bytes"]), escape(str(d["source"])))
+                      human_bytes(d["bytes"]), escape(str(d["source"])))
         out_console.print(t)
-    info(escape(f"data root {r}; raw download cache {_human_bytes(cache_bytes)} in {cache}"))
+    info(escape(f"data root {r}; raw download cache {human_bytes(cache_bytes)} in {cache}"))
     info(f"downloadable by name: {', '.join(KNOWN)}")
 
 
@@ -151,6 +68,7 @@ def download(
         "--crop", help="celeba only: ddim (default; 128x128 box at x=25..153, y=57..185) or center140.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Prepare again even if already prepared.")] = False,
     list_: Annotated[bool, typer.Option("--list", help="List the prepared datasets and exit.")] = False,
+    quiet: QuietOpt = False,
     json_: JsonOpt = False,
 ) -> None:
     """Download and prepare a dataset once, so training starts at once.
@@ -179,7 +97,7 @@ def download(
     from ddpmctl.data import download as do_download
 
     t0 = time.perf_counter()
-    with DataProgress(quiet=False) as progress:
+    with ProgressView(quiet) as progress:
         res = do_download(source, root=root, name=name, size=size, channels=channels, split=split, column=column,
                           sha256=sha256, crop=crop, force=force, on_event=progress)
     summary = res.summary()
@@ -192,5 +110,5 @@ def download(
     state = "already prepared" if res.already_prepared else "prepared"
     out_console.print(escape(
         f"{state} {res.name}: {counts} images, {summary['size']}x{summary['size']}x{summary['channels']}, "
-        f"{_human_bytes(summary['bytes'])} in {res.path}" + (f" ({skipped} files skipped)" if skipped else ""))
+        f"{human_bytes(summary['bytes'])} in {res.path}" + (f" ({skipped} files skipped)" if skipped else ""))
     )

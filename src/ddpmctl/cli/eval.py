@@ -2,67 +2,13 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 from rich.markup import escape
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, SamplerOpt, app, err_console, info, print_json, warn
-
-PLAIN_EVERY_S = 10.0  # progress lines when stderr is not a terminal
-
-
-class EvalProgress:
-    """Event sink for ddpmctl.evaluate: one progress bar per stage on a terminal, plain lines otherwise."""
-
-    def __init__(self) -> None:
-        self.live = err_console.is_terminal
-        self.bar = None
-        self.tasks: dict[str, int] = {}
-        self.last_plain: dict[str, float] = {}
-
-    def __enter__(self) -> "EvalProgress":
-        if self.live:
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                                       TimeRemainingColumn)
-
-            self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=err_console)
-            self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.__exit__(*exc)
-
-    def __call__(self, ev: dict) -> None:
-        kind = ev.get("event")
-        if kind == "progress":
-            stage, done, total = ev.get("stage", "working"), ev.get("done", 0), ev.get("total")
-            if self.bar is not None:
-                if stage not in self.tasks:
-                    self.tasks[stage] = self.bar.add_task(stage, total=total)
-                self.bar.update(self.tasks[stage], completed=done)
-                return
-            now = time.monotonic()
-            last = self.last_plain.setdefault(stage, now)
-            if ev.get("final") or now - last >= PLAIN_EVERY_S:
-                rate = ev.get(f"{ev.get('unit', 'images')}_per_s")
-                info(escape(f"{stage}: {done:,}/{total:,}" + (f" ({rate:.1f}/s)" if rate else "") if total
-                            else f"{stage}: {done:,}"))
-                self.last_plain[stage] = now
-        elif kind == "start":
-            info(escape(f"evaluating {ev['source']} ({ev['checkpoint']}, {ev['weights']} weights) on "
-                        f"{ev['device']}: {', '.join(ev['metrics'])} against {ev['data']}"))
-        elif kind == "warning":
-            warn(escape(ev["message"]))
-        elif kind == "skipped":
-            warn(escape(f"skipped {ev.get('count')} file(s): {ev.get('reason')}"))
-        elif ev.get("message"):
-            info(escape(ev["message"]))
-
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, SamplerOpt, app, info, print_json, warn
 
 def _n(x: int) -> str:
     return f"{x:,}"
@@ -134,6 +80,7 @@ def eval_cmd(
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root (default $DDPMCTL_DATA or the "
                                                            "per-user data dir).")] = None,
     no_log: Annotated[bool, typer.Option("--no-log", help="Do not append to RUN_DIR/eval.jsonl.")] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure bits/dim (held-out likelihood bound), FID and KID; append the result to RUN_DIR/eval.jsonl."""
@@ -144,7 +91,9 @@ def eval_cmd(
                        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, inception_weights=inception_weights,
                        device=device or "auto", precision=precision, use_ema=not no_ema, data_root=data_root,
                        log=not no_log)
-    with EvalProgress() as progress:
+    from ddpmctl.cli.progress import ProgressView
+
+    with ProgressView(quiet) as progress:
         record = evaluate(source, opts, on_event=progress)
     if "bpd" in record["metrics"] and not record["metrics"]["bpd"]["exact"]:
         warn(escape(record["metrics"]["bpd"]["note"]))

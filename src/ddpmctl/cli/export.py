@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, app, info, print_json
 
 Dtype = Literal["fp32", "fp16", "bf16"]
 Format = Literal["safetensors", "onnx"]
@@ -39,6 +39,7 @@ def export(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace a non-empty --out (an earlier export; never "
                                             "a run dir, the run read, the current directory or a parent of "
                                             "one).")] = False,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write a model folder: model.safetensors, config.json, README.md (model card), samples.png.
@@ -46,6 +47,7 @@ def export(
     `ddpmctl sample FOLDER` and `ddpmctl hub-push FOLDER` take the folder; it needs nothing else.
     """
     from ddpmctl import checkpoint as ck
+    from ddpmctl.cli.progress import ProgressView
     from ddpmctl.devices import choose_device
     from ddpmctl.hub import export_model_folder
 
@@ -55,8 +57,9 @@ def export(
     out = out if out is not None else Path(run_dir) / "export"
     dev = choose_device(device or "auto")
     info(f"exporting {run_dir} to {out} ({dtype}, {'raw' if no_ema else 'EMA'} weights); drawing samples.png")
-    res = export_model_folder(Path(run_dir), out, dtype=dtype, use_ema=not no_ema, license=license,
-                              onnx=format == "onnx", device=dev, overwrite=overwrite, on_warning=info)
+    with ProgressView(quiet) as view, view.phase("export"):
+        res = export_model_folder(Path(run_dir), out, dtype=dtype, use_ema=not no_ema, license=license,
+                                  onnx=format == "onnx", device=dev, overwrite=overwrite, on_warning=info)
     if res.onnx_max_abs_diff is not None:
         info(f"model.onnx matches PyTorch within {res.onnx_max_abs_diff:.2g} (onnxruntime)")
     info(", ".join(f"{k} ({human_size(v)})" for k, v in res.files.items()))

@@ -7,12 +7,13 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app
-from ddpmctl.cli.train import NprocOpt, join_job, launch_workers, run_training
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, app
+from ddpmctl.cli.train import NprocOpt, TimeLimitOpt, join_job, launch_workers, parse_time_limit, run_training
 
 
 @app.command(epilog="Examples:\n\n  ddpmctl resume runs/shapes-20261126-101500\n\n"
-                    "  ddpmctl resume runs/shapes-20261126-101500 --epochs 50")
+                    "  ddpmctl resume runs/shapes-20261126-101500 --epochs 50\n\n"
+                    "  ddpmctl resume runs/shapes-20261126-101500 --time-limit 30m")
 def resume(
     run_dir: Annotated[Path, typer.Argument(help="Run directory written by `ddpmctl train`.")],
     epochs: Annotated[Optional[int], typer.Option(help="New total number of epochs for the run.")] = None,
@@ -20,7 +21,9 @@ def resume(
     device: DeviceOpt = None,
     precision: Annotated[Optional[str], typer.Option(help=PRECISION_HELP + " Default: the run's.")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root.")] = None,
+    time_limit: TimeLimitOpt = None,
     nproc: NprocOpt = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Continue RUN_DIR from its newest valid checkpoint with the same spec, optimizer, EMA and counters.
@@ -34,12 +37,13 @@ def resume(
     from ddpmctl.errors import CheckpointError, UsageError
     from ddpmctl.lock import RunLock
 
+    limit = parse_time_limit(time_limit)
     run_dir = ck.check_run_dir(run_dir)
     job = join_job(device or specmod.load(run_dir / "spec.json").train.device)
     if not job.is_main:  # rank 0 checks and updates spec.json; the others read what it wrote
         job.barrier()
         run_training(specmod.load(run_dir / "spec.json"), run_dir, resume=True, as_json=as_json,
-                     data_root=data_root, job=job)
+                     data_root=data_root, job=job, quiet=quiet)
         return
     with RunLock(run_dir, on_warning=warn):  # before spec.json may be rewritten; run() re-enters it
         spec = specmod.load(run_dir / "spec.json")
@@ -53,6 +57,8 @@ def resume(
             data["train"]["device"] = device
         if precision is not None:
             data["train"]["precision"] = precision
+        if limit is not None:
+            data["train"]["time_limit"] = None if limit == "off" else limit
         new = specmod.validate(data)
         if new != spec:
             if epochs is not None or max_steps is not None:
@@ -71,6 +77,6 @@ def resume(
             specmod.save(new, run_dir / "spec.json")
         if nproc is None or nproc == 1:
             job.barrier()
-            run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root, job=job)
+            run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root, job=job, quiet=quiet)
             return
     launch_workers(nproc, new.train.device, [], new.train.batch_size)  # lock released: rank 0 takes it

@@ -10,8 +10,7 @@ from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import (PRECISION_HELP, DeviceOpt, JsonOpt, SamplerOpt, app, err_console, info, print_json,
-                                warn)
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, SamplerOpt, app, info, print_json, warn
 from ddpmctl.cli.train import NprocOpt
 
 @app.command(epilog="Examples:\n\n  ddpmctl sample --n 100 --out faces/\n\n"
@@ -38,14 +37,14 @@ def sample(
                                             "a run dir, model folder, the source, the current directory or a parent "
                                             "of one).")] = False,
     nproc: NprocOpt = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Sample N images into OUT/000000.png ... plus OUT/samples.json.
 
     --nproc N shares the batches between N processes (one per GPU); the images are the same."""
-    from rich.progress import Progress
-
     from ddpmctl import __version__
+    from ddpmctl.cli.progress import ProgressView
     from ddpmctl.cli.train import join_job, launch_workers
     from ddpmctl.devices import choose_device, choose_precision, describe
     from ddpmctl.dist import rank_device
@@ -89,16 +88,23 @@ def sample(
         stage = staged_dir(out, overwrite, reading=reading)
     else:  # rank 0 stages the folder and publishes it after every rank has written its images
         stage = _shared_stage(job, out, overwrite, reading)
-    with stage as tmp, Progress(console=err_console, disable=not (err_console.is_terminal and job.is_main)) as bar:
-        task = bar.add_task("sampling", total=len(mine))
+    with stage as tmp, ProgressView(quiet, silent=not job.is_main) as view:
+        view.meter("sampling", "sampling", len(mine))
+        done = 0
+
+        def count_steps(start: int):  # within a batch, whole images are counted as fractions of the loop
+            size = min(batch_size, len(mine) - start)
+            return lambda i, n, _x, _x0: view.update("sampling", done + size * (i + 1) / n)
+
         with job.guard():
             for start, imgs, nfe in generate(den, mine, sampler=sampler, steps=steps, eta=eta,
                                              batch_size=batch_size, device=dev, precision=prec, variance=variance,
-                                             compile=compile):
+                                             compile=compile, callback_factory=count_steps):
                 first = (job.rank + (start // batch_size) * job.world_size) * batch_size
                 for i, img in enumerate(imgs):
                     save_png(tmp / f"{first + i:06d}.png", img)
-                bar.update(task, advance=len(imgs))
+                done += len(imgs)
+                view.update("sampling", done)
         job.barrier()
         if not job.is_main:
             job.close()

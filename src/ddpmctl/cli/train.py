@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, info, print_json
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, app, info, print_json
 from ddpmctl.errors import UsageError
 from ddpmctl.spec import PRESETS
 
@@ -33,6 +33,23 @@ def data_source(data: str) -> str:
     if "://" not in data and (p.exists() or data.startswith((".", "/", "~"))):
         return str(p.resolve())
     return data
+
+
+TimeLimitOpt = Annotated[Optional[str], typer.Option(
+    "--time-limit", metavar="DURATION", help="Stop at the first step boundary after DURATION of this process's "
+    "wall time (90s, 30m, 2h, 1d, 1h30m), write a checkpoint and exit 0; `ddpmctl resume RUN --time-limit ...` "
+    "continues (chunked training for clusters and CI). Saved as train.time_limit; `off` clears it.")]
+
+
+def parse_time_limit(text: Optional[str]) -> Optional[float] | str:
+    """--time-limit: seconds, ``"off"`` (clear the run's saved limit) or None (not given)."""
+    from ddpmctl.durations import parse_duration
+
+    if text is None:
+        return None
+    if text.strip().lower() in ("off", "none"):
+        return "off"
+    return parse_duration(text, "--time-limit")
 
 
 NprocOpt = Annotated[Optional[int], typer.Option(
@@ -81,19 +98,20 @@ def launch_workers(nproc: int, device: Optional[str], add: list[str], global_bat
     sys.exit(result.exit_code)
 
 
-def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root: Optional[Path], job=None) -> None:
+def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root: Optional[Path], job=None,
+                 quiet: bool = False) -> None:
     """Run the loop with a progress display; signals stop it cleanly (exit 130/143, one line on how to
     resume), a second Ctrl-C at once (the newest complete checkpoint is never left broken).
 
     In a distributed job (``job``), every rank runs this; only rank 0 shows progress and prints."""
     from ddpmctl import dist
-    from ddpmctl.cli.progress import TrainProgress, signals_to
+    from ddpmctl.cli.progress import ProgressView, signals_to
     from ddpmctl.train import Interrupted, StopFlag, run
 
     job = job or dist.SINGLE
     stop = StopFlag()
     try:
-        with signals_to(stop, quiet=not job.is_main), TrainProgress(silent=not job.is_main) as progress:
+        with signals_to(stop, quiet=not job.is_main), ProgressView(quiet, silent=not job.is_main) as progress:
             result = run(spec, run_dir, resume=resume, on_event=progress, stop=stop, data_root=data_root,
                          dist=job)
     except Interrupted as exc:
@@ -113,8 +131,17 @@ def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root:
         job.close()
     if not job.is_main:
         return
+    if result.stopped == "time_limit":
+        from ddpmctl.durations import short_duration
+
+        limit = short_duration(spec.train.time_limit)
+        info(f"time limit {limit} reached at step {result.steps} of {result.total_steps}: checkpoint "
+             f"{Path(result.checkpoint).name} written; continue with "
+             f"`ddpmctl resume {run_dir} --time-limit {limit}`")
     if as_json:
         print_json(result.to_dict())
+    elif result.stopped == "time_limit":
+        print(result.checkpoint)
     else:
         loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
         extra = f", {result.skipped_steps} non-finite steps skipped" if result.skipped_steps else ""
@@ -127,7 +154,8 @@ def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root:
 @app.command(
     epilog="Examples:\n\n  ddpmctl train shapes\n\n  ddpmctl train ./my_photos --preset celeba --epochs 200\n\n"
     "  ddpmctl train cifar10 --dry-run --json\n\n  ddpmctl train shapes --set optim.lr=1e-3 --max-steps 200\n\n"
-    "  ddpmctl train celeba --epochs 200 --nproc 8",
+    "  ddpmctl train celeba --epochs 200 --nproc 8\n\n  ddpmctl train mnist --time-limit 2h   "
+    "(then `ddpmctl resume RUN --time-limit 2h` until done)",
 )
 def train(
     data: Annotated[str, typer.Argument(help="Dataset: shapes, mnist, cifar10, celeba, a prepared name, "
@@ -152,9 +180,12 @@ def train(
                                                           "(always on for CPU).")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root (default $DDPMCTL_DATA or "
                                                            "the per-user data dir).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count and "
-                                                            "device; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count, device "
+                                                            "and the run's estimated wall time (a few timed "
+                                                            "steps); write nothing.")] = False,
+    time_limit: TimeLimitOpt = None,
     nproc: NprocOpt = None,
+    quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Train a DDPM on DATA. Progress on stderr; the newest checkpoint path (or --json summary) on stdout.
@@ -164,12 +195,14 @@ def train(
     from ddpmctl.train import make_run_dir
 
     name, guessed = preset_for(data) if preset is None else (preset, False)
+    limit = parse_time_limit(time_limit)
     overrides = {
         "data": {"source": data_source(data)},
         "train": {"epochs": epochs, "max_steps": max_steps, "batch_size": batch_size, "seed": seed,
                   "device": device, "precision": precision, "checkpoint_every": checkpoint_every,
                   "sample_every": sample_every, "deterministic": deterministic,
-                  "compile": None if compile is None else ("on" if compile else "off")},
+                  "compile": None if compile is None else ("on" if compile else "off"),
+                  "time_limit": limit if limit != "off" else None},
         "optim": {"lr": lr},
     }
     spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
@@ -177,26 +210,56 @@ def train(
         info(f"using preset {name} ({spec.model.image_size}x{spec.model.image_size}, "
              f"{spec.model.channels} channel(s)); choose another with --preset")
     if dry_run:
-        dry_run_report(spec, as_json)
+        dry_run_report(spec, as_json, data_root)
         return
     run_dir = make_run_dir(spec, out)
     if nproc is not None and nproc > 1:
         launch_workers(nproc, spec.train.device, ["--out", str(run_dir)], spec.train.batch_size)
     job = join_job(spec.train.device)
     run_dir = Path(job.broadcast(str(run_dir)))  # under torchrun without --out: rank 0's timestamped name
-    run_training(spec, run_dir, resume=False, as_json=as_json, data_root=data_root, job=job)
+    run_training(spec, run_dir, resume=False, as_json=as_json, data_root=data_root, job=job, quiet=quiet)
 
 
-def dry_run_report(spec, as_json: bool) -> None:
+def run_estimate(spec, data_root: Optional[Path]) -> tuple[Optional[dict], Optional[str]]:
+    """(estimate, why not): the whole run's wall time from a few timed real steps (see
+    :func:`ddpmctl.bench.estimate_step_seconds`). The step count needs the image count unless
+    --max-steps gives it, so data that is not prepared yet is not downloaded for it."""
+    from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
+    from ddpmctl.devices import choose_device, choose_precision, set_fast_math
+    from ddpmctl.errors import DdpmctlError
+
+    tr = spec.train
+    total = tr.max_steps
+    if total is None:
+        from ddpmctl.data import load_images
+
+        try:
+            n = int(load_images(spec.data.source, image_size=spec.model.image_size, channels=spec.model.channels,
+                                root=data_root, allow_download=False).images.shape[0])
+        except DdpmctlError as exc:
+            return None, f"the step count needs the data ({exc}); or give --max-steps"
+        total = tr.epochs * max(1, n // min(tr.batch_size, n))
+    if total <= ESTIMATE_MIN_STEPS:
+        return None, f"{total} steps: too short a run to be worth timing"
+    dev = choose_device(tr.device)
+    set_fast_math(dev, tr.deterministic or dev.type == "cpu")
+    est = estimate_step_seconds(spec, dev, choose_precision(tr.precision, dev))
+    return {**est, "steps": total, "seconds": est["step_seconds"] * total}, None
+
+
+def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> None:
     import torch
 
+    from ddpmctl.cli.progress import describe_estimate
     from ddpmctl.devices import choose_device, describe
     from ddpmctl.unet import build, count_parameters
 
     dev = choose_device(spec.train.device)
     with torch.device("meta"):
         n = count_parameters(build(spec.model))
-    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev)}
+    estimate, why_not = run_estimate(spec, data_root)
+    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev),
+              "estimate": estimate, **({"estimate_skipped": why_not} if why_not else {})}
     if as_json:
         print_json(report)
         return
@@ -205,3 +268,4 @@ def dry_run_report(spec, as_json: bool) -> None:
     print(json.dumps(report["spec"], indent=2))
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     print(f"device: {report['device']}")
+    print(describe_estimate(estimate, dev.type) if estimate else f"no time estimate: {why_not}")
