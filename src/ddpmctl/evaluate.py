@@ -41,6 +41,7 @@ from ddpmctl import __version__
 from ddpmctl.data._events import Progress, emitter
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, calc_bpd_loop
 from ddpmctl.errors import DataError, DdpmctlError, NonFiniteError, UsageError
+from ddpmctl.writes import WriteError, append_bytes
 
 Event = Callable[[dict], None]
 
@@ -604,10 +605,8 @@ def append_eval_log(directory: Path | str, record: dict) -> Path:
     """Append one JSON line to ``DIRECTORY/eval.jsonl`` (flushed and fsynced)."""
     path = Path(directory) / EVAL_LOG
     line = json.dumps(record, default=str, allow_nan=False) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    append_bytes(path, line.encode("utf-8"), fsync=True,
+                 kept=f"{path.name} keeps its earlier records; this result is printed but not recorded")
     return path
 
 
@@ -764,6 +763,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
         if where.is_dir():  # a run dir or a local model folder; never a Hub download's cache
             try:
                 record["log"] = str(append_eval_log(where, record))
+            except WriteError as exc:  # the result is still reported (stdout): only its record is lost
+                emit({"event": "warning", "message": str(exc)})
             except OSError as exc:
                 emit({"event": "warning", "message": f"could not append to {where / EVAL_LOG}: {exc}"})
         else:

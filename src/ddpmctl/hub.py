@@ -117,6 +117,7 @@ def export_model_folder(
     otherwise it names `out`.
     """
     from ddpmctl.outdir import check_out_dir, staged_dir
+    from ddpmctl.writes import writing
 
     check_out_dir(Path(out), overwrite)
     if dtype not in DTYPES:
@@ -132,7 +133,8 @@ def export_model_folder(
     config = _make_config(spec, run_dir, ckpt, kind, dtype, sum(v.numel() for v in tensors.values()))
 
     out = Path(out)
-    with staged_dir(out, overwrite) as tmp:
+    with writing(out, kept=f"{out} is as it was before this command (the partial folder was removed)"), \
+            staged_dir(out, overwrite) as tmp:
         (tmp / MODEL_FILE).write_bytes(save_safetensors(tensors, metadata={
             "format": "pt", "ddpmctl": __version__, "dtype": dtype, "weights": kind, "step": str(ckpt.step)}))
         _write_json(tmp / CONFIG_FILE, config)

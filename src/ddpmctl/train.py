@@ -36,6 +36,7 @@ from ddpmctl.lock import RunLock
 from ddpmctl.spec import RunSpec
 from ddpmctl.step import setup_training
 from ddpmctl.unet import build, count_parameters
+from ddpmctl.writes import append_bytes
 
 Event = Callable[[dict], None]
 GRID_NROW = 8
@@ -572,9 +573,8 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
 def _append_metrics(path: Path, rec: dict) -> int:
     """Append one record; return the file's length (saved in checkpoints to truncate on resume)."""
     try:
-        with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
-            return f.tell()
+        return append_bytes(path, (json.dumps(rec) + "\n").encode("utf-8"),
+                            kept=lambda: f"{path.name} keeps its earlier records; {ck.still_newest(path.parent / ck.CKPT_DIR)}")
     except OSError as exc:
         raise DdpmctlError(f"cannot write {path}: {exc.strerror or exc}") from None
 

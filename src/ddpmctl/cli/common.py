@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -76,3 +77,24 @@ def print_json(obj: Any) -> None:
     """One JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
     sys.stdout.flush()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt, so that every
+    cleanup a Ctrl-C runs (staged ``.OUT.partial-PID`` folders, download ``.part-PID`` files, the
+    demo server) runs for SIGTERM too; main() exits 143. Training catches both signals itself
+    (``cli.progress.signals_to``: finish the step, checkpoint, stop) and restores this afterwards."""
+
+    exit_code = 128 + signal.SIGTERM
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` (main thread only; elsewhere nothing changes)."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals are the host program's business
+        pass
