@@ -33,6 +33,7 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
+from ddpmctl.memory import check_fits
 from ddpmctl.spec import RunSpec
 from ddpmctl.step import setup_training
 from ddpmctl.unet import build, count_parameters
@@ -234,6 +235,8 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     data = data if data is not None else load(allow_download=False)
     global_batch = min(tr.batch_size, int(data.images.shape[0]))
     check_batch(global_batch, dist.world_size)
+    # before the model is allocated: a spec that cannot fit the device is refused with the estimate
+    check_fits(spec, device, precision.name, math.ceil(global_batch / dist.world_size))
     loader = DeviceLoader(data.images, tr.batch_size, device, seed=tr.seed, flip=spec.data.flip,
                           shard=(dist.rank, dist.world_size))
     steps_per_epoch = loader.steps_per_epoch
