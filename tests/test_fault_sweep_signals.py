@@ -182,7 +182,7 @@ class _Server:
                 self.send_header("Content-Length", str(len(outer.payload)))
                 self.end_headers()
                 if stall:
-                    self.wfile.write(outer.payload[:1000])
+                    self.wfile.write(outer.payload[:1_200_000])  # one 1 MB chunk reaches the .part file
                     self.wfile.flush()
                     outer.release.wait(120)
                     return
@@ -208,7 +208,7 @@ def _zip_of_images(n: int = 6) -> bytes:
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as zf:
         for i in range(n):
             zf.writestr(f"img{i}.png", png_bytes((torch.rand(3, 16, 16, generator=g) * 255).to(torch.uint8)))
-        zf.writestr("padding.bin", os.urandom(200_000))  # not an image: skipped; makes the file big
+        zf.writestr("padding.bin", os.urandom(1_500_000))  # not an image: skipped; makes the file big
     return buf.getvalue()
 
 

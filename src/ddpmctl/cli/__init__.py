@@ -32,7 +32,7 @@ _register()
 def main() -> None:
     from rich.markup import escape
 
-    from ddpmctl.cli.common import handle_sigterm
+    from ddpmctl.cli.common import Terminated, handle_sigterm
     from ddpmctl.errors import DdpmctlError
     from ddpmctl.writes import as_write_error
 
@@ -46,10 +46,12 @@ def main() -> None:
             traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (cli.common.Terminated)
-        code = getattr(exc, "exit_code", 130)
-        err_console.print("interrupted" if code == 130 else "terminated", highlight=False)
-        sys.exit(code)
+    except Terminated:  # SIGTERM: every cleanup on the way here ran
+        err_console.print("terminated", highlight=False)
+        sys.exit(Terminated.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted", highlight=False)
+        sys.exit(130)
     except Exception as exc:
         failed = as_write_error(exc)  # a failed write that no writer wrapped: still one line, exit 1
         if failed is not None:

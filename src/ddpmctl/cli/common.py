@@ -79,13 +79,18 @@ def print_json(obj: Any) -> None:
     sys.stdout.flush()
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised in the main thread where Ctrl-C raises KeyboardInterrupt, so that every
-    cleanup a Ctrl-C runs (staged ``.OUT.partial-PID`` folders, download ``.part-PID`` files, the
-    demo server) runs for SIGTERM too; main() exits 143. Training catches both signals itself
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread wherever it is, so that every ``finally`` and cleanup runs
+    on the way out (staged ``.OUT.partial-PID`` folders, download ``.part-PID`` files, the demo
+    server) as it does for Ctrl-C; the process then exits 143 (main() adds one line, "terminated").
+    A SystemExit, not a KeyboardInterrupt: typer would turn that into a plain exit 130, and no
+    ``except Exception`` in between mistakes it for a failure. Training catches SIGTERM itself
     (``cli.progress.signals_to``: finish the step, checkpoint, stop) and restores this afterwards."""
 
     exit_code = 128 + signal.SIGTERM
+
+    def __init__(self) -> None:
+        super().__init__(self.exit_code)
 
 
 def _raise_terminated(signum, frame) -> None:

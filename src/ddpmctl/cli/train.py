@@ -104,11 +104,11 @@ def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root:
             print_json({"run_dir": str(run_dir), "interrupted": exc.signum, "steps": exc.step,
                         "checkpoint": str(exc.checkpoint) if exc.checkpoint else None})
         sys.exit(exc.exit_code)  # not typer.Exit: main() runs click with standalone_mode=False
-    except KeyboardInterrupt as exc:  # a second Ctrl-C, or SIGTERM outside the loop (cli.common.Terminated)
+    except KeyboardInterrupt:
         if job.is_main:
             info(f"stopped at once; the newest complete checkpoint is intact: continue with "
                  f"`ddpmctl resume {run_dir}`")
-        sys.exit(getattr(exc, "exit_code", 130))
+        sys.exit(130)
     finally:
         job.close()
     if not job.is_main:
