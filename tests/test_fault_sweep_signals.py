@@ -169,6 +169,41 @@ def test_sigterm_during_export_removes_the_staged_folder(world, tmp_path):
     assert not any(tmp_path.glob(".folder.partial-*")) and not (tmp_path / "folder").exists()
 
 
+def test_sigterm_stops_the_demo_server(world, tmp_path, monkeypatch, capsys):
+    """`demo` serves until a signal: SIGTERM closes the server and exits 143, as Ctrl-C exits 130.
+    In this process (gradio is imported once): a thread sends SIGTERM once the port answers."""
+    pytest.importorskip("gradio", reason="the optional 'demo' extra is not installed")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    monkeypatch.setenv("GRADIO_ANALYTICS_ENABLED", "False")
+    old = signal.getsignal(signal.SIGTERM)
+
+    def terminate_when_serving():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            with socket.socket() as c:
+                if c.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        time.sleep(0.3)  # past launch(): main() is in its serving loop
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=terminate_when_serving, daemon=True).start()
+    try:
+        code, out, err = run_main(monkeypatch, capsys, "demo", str(world["run"]), "--device", "cpu",
+                                  "--port", str(port))
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert code == 143, err
+    assert "terminated" in err and out.startswith("http://127.0.0.1:")
+    with socket.socket() as s:  # the server was closed: its port is free again
+        s.bind(("127.0.0.1", port))
+
+
 class _Server:
     """127.0.0.1 HTTP server for one file; ``stall`` sends the first bytes and then waits."""
 
