@@ -152,8 +152,9 @@ def train(
                                                           "(always on for CPU).")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root (default $DDPMCTL_DATA or "
                                                            "the per-user data dir).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count and "
-                                                            "device; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count, device "
+                                                            "and memory estimate (exit 2 if it cannot fit the "
+                                                            "device); write nothing.")] = False,
     nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
