@@ -139,5 +139,6 @@ def check_fits(spec: RunSpec, device: torch.device, precision: str, batch: int |
         raise ResourceError(f"{need}. The model alone does not fit: lower model.base_channels or "
                             "model.channel_mult, or use a device with more memory")
     fits = max(0, math.floor(room / est.activation_bytes_per_image))
-    hint = f"a --batch-size under {fits} (at most what could fit)" if fits else "a smaller model (model.base_channels, model.channel_mult)"
+    hint = (f"a --batch-size under {fits} (at most what could fit)" if fits
+            else "a smaller model (model.base_channels, model.channel_mult)")
     raise ResourceError(f"{need}. Use {hint}, or a device with more memory")

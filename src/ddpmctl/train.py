@@ -576,8 +576,8 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
 def _append_metrics(path: Path, rec: dict) -> int:
     """Append one record; return the file's length (saved in checkpoints to truncate on resume)."""
     try:
-        return append_bytes(path, (json.dumps(rec) + "\n").encode("utf-8"),
-                            kept=lambda: f"{path.name} keeps its earlier records; {ck.still_newest(path.parent / ck.CKPT_DIR)}")
+        return append_bytes(path, (json.dumps(rec) + "\n").encode("utf-8"), kept=lambda: (
+            f"{path.name} keeps its earlier records; {ck.still_newest(path.parent / ck.CKPT_DIR)}"))
     except OSError as exc:
         raise DdpmctlError(f"cannot write {path}: {exc.strerror or exc}") from None
 
