@@ -119,6 +119,7 @@ def export_model_folder(
     otherwise it names `out`.
     """
     from ddpmctl.outdir import check_out_dir, staged_dir
+    from ddpmctl.writes import writing
 
     check_out_dir(Path(out), overwrite, reading=[run_dir], model_folder=True)
     if dtype not in DTYPES:
@@ -137,7 +138,8 @@ def export_model_folder(
     config = _make_config(spec, run_dir, ckpt, kind, dtype, sum(v.numel() for v in tensors.values()))
 
     out = Path(out)
-    with staged_dir(out, overwrite, reading=[run_dir], model_folder=True) as tmp:
+    with writing(out, kept=f"{out} is as it was before this command (the partial folder was removed)"), \
+            staged_dir(out, overwrite, reading=[run_dir], model_folder=True) as tmp:
         (tmp / MODEL_FILE).write_bytes(save_safetensors(tensors, metadata={
             "format": "pt", "ddpmctl": __version__, "dtype": dtype, "weights": kind, "step": str(ckpt.step)}))
         _write_json(tmp / CONFIG_FILE, config)

@@ -54,6 +54,7 @@ def sample(
     from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
     from ddpmctl.sampler_registry import get_sampler
+    from ddpmctl.writes import writing
 
     reading = [source] if source and not source.startswith(HF_PREFIX) else []  # never replaced by --overwrite
     check_out_dir(out, overwrite, reading=reading)
@@ -89,7 +90,9 @@ def sample(
         stage = staged_dir(out, overwrite, reading=reading)
     else:  # rank 0 stages the folder and publishes it after every rank has written its images
         stage = _shared_stage(job, out, overwrite, reading)
-    with stage as tmp, Progress(console=err_console, disable=not (err_console.is_terminal and job.is_main)) as bar:
+    kept = f"{out} is as it was before this command (the partial images were removed)"
+    with writing(out, kept=kept), stage as tmp, \
+            Progress(console=err_console, disable=not (err_console.is_terminal and job.is_main)) as bar:
         task = bar.add_task("sampling", total=len(mine))
         with job.guard():
             for start, imgs, nfe in generate(den, mine, sampler=sampler, steps=steps, eta=eta,

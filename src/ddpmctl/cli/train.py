@@ -152,8 +152,9 @@ def train(
                                                           "(always on for CPU).")] = None,
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root (default $DDPMCTL_DATA or "
                                                            "the per-user data dir).")] = None,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count and "
-                                                            "device; write nothing.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count, device "
+                                                            "and memory estimate (exit 2 if it cannot fit the "
+                                                            "device); write nothing.")] = False,
     nproc: NprocOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -188,15 +189,16 @@ def train(
 
 
 def dry_run_report(spec, as_json: bool) -> None:
-    import torch
-
-    from ddpmctl.devices import choose_device, describe
-    from ddpmctl.unet import build, count_parameters
+    """The resolved spec, parameters, device and memory estimate; a spec that cannot fit the device
+    is refused here as the real run would refuse it (exit 2), assuming the data has batch_size images."""
+    from ddpmctl.devices import choose_device, choose_precision, describe
+    from ddpmctl.memory import check_fits, human
 
     dev = choose_device(spec.train.device)
-    with torch.device("meta"):
-        n = count_parameters(build(spec.model))
-    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev)}
+    mem = check_fits(spec, dev, choose_precision(spec.train.precision, dev).name)
+    n = mem.parameters
+    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev),
+              "memory": mem.to_dict()}
     if as_json:
         print_json(report)
         return
@@ -205,3 +207,5 @@ def dry_run_report(spec, as_json: bool) -> None:
     print(json.dumps(report["spec"], indent=2))
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     print(f"device: {report['device']}")
+    print(f"memory: at least {human(mem.total_bytes)} ({human(mem.parameter_bytes)} for parameters, gradients, "
+          f"AdamW and EMA; {human(mem.activation_bytes)} of activations at batch {mem.batch}, {mem.precision})")
