@@ -664,7 +664,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
     predictable failure; then bits/dim, then samples -> features -> FID and KID.
     """
     from ddpmctl.devices import choose_device, choose_precision, describe
-    from ddpmctl.generate import generate, load_source, model_fn_for, run_defaults
+    from ddpmctl.generate import generate, model_fn_for, run_defaults
+    from ddpmctl.modelfolder import load_source
     from ddpmctl.sampler_registry import get_sampler
 
     emit = emitter(on_event)

@@ -635,7 +635,8 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
     """Draw the fixed-seed grid with the EMA weights and save samples/epoch_NNNN.png.
 
     Runs under fork_rng: building the throw-away network must not move the training RNG streams."""
-    from ddpmctl.generate import Denoiser, generate
+    from ddpmctl.generate import generate
+    from ddpmctl.modelfolder import Denoiser
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         net = build(spec.model).to(device)

@@ -49,8 +49,9 @@ def sample(
     from ddpmctl.cli.train import join_job, launch_workers
     from ddpmctl.devices import choose_device, choose_precision, describe
     from ddpmctl.dist import rank_device
-    from ddpmctl.generate import compile_pays_off, generate, load_source, run_defaults
+    from ddpmctl.generate import compile_pays_off, generate, run_defaults
     from ddpmctl.hub import HF_PREFIX
+    from ddpmctl.modelfolder import load_source
     from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
     from ddpmctl.sampler_registry import get_sampler
