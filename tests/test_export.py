@@ -258,6 +258,14 @@ def test_foreign_config_is_refused(tmp_path):
         load_model_folder(folder)
 
 
+def test_out_dir_guard_knows_the_model_folder_files():
+    """outdir spells the model-folder markers out (it must not load torch); they must stay the format's."""
+    from ddpmctl.modelfolder import CONFIG_FILE, MODEL_FILE
+    from ddpmctl.outdir import MODEL_MARKERS
+
+    assert set(MODEL_MARKERS) == {CONFIG_FILE, MODEL_FILE}
+
+
 # ---------------------------------------------------------------- ONNX
 def test_onnx_missing_packages_say_how_to_install(trained_run, tmp_path, monkeypatch):
     from ddpmctl.errors import UsageError

@@ -27,7 +27,9 @@ from ddpmctl.errors import UsageError
 from ddpmctl.safefile import clear
 
 RUN_MARKER = "spec.json"  # ddpmctl.checkpoint.check_run_dir
-MODEL_MARKERS = ("config.json", "model.safetensors")  # ddpmctl.hub.CONFIG_FILE, MODEL_FILE
+# ddpmctl.modelfolder.CONFIG_FILE, MODEL_FILE (spelled out: importing it would load torch into the data
+# commands, which use this module; tests/test_export.py checks they agree)
+MODEL_MARKERS = ("config.json", "model.safetensors")
 RUN_PARTS = ("checkpoints", "samples")  # folders a run directory keeps its own files in
 
 
