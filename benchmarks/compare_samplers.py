@@ -42,8 +42,9 @@ import numpy as np
 import torch
 
 from ddpmctl.data import load_images
-from ddpmctl.generate import generate, load_source
+from ddpmctl.generate import generate
 from ddpmctl.images import make_grid
+from ddpmctl.modelfolder import load_source
 
 LUMA = np.array([0.299, 0.587, 0.114])
 DEFAULT_SAMPLERS = ["ddpm", "ddim:50", "dpm-solver++:20", "dpm-solver++:20:1"]

@@ -33,14 +33,15 @@ class Calls:
 
 
 def install(calls) -> torch.utils.hooks.RemovableHandle:
-    """Count the U-Net's forward passes in training mode (sampling grids run in eval mode and are not
-    counted) and return NaN from those numbered in ``calls``."""
+    """Count the U-Net's forward passes in training mode on real tensors (sampling grids run in eval
+    mode, the memory estimate on the meta device: neither is counted) and return NaN from those
+    numbered in ``calls``."""
     seen = 0
 
     def hook(module, _args, output):
         nonlocal seen
-        if type(module).__name__ != "UNet" or not module.training:
-            return None
+        if type(module).__name__ != "UNet" or not module.training or output.device.type == "meta":
+            return None  # sampling grids (eval mode) and the memory estimate's meta-device pass
         seen += 1
         return output * float("nan") if seen in calls else None
 

@@ -291,7 +291,8 @@ def test_compile_failure_falls_back_to_eager_and_says_why(monkeypatch):
 
 
 def test_generate_picks_a_batch_size_and_images_depend_only_on_their_seed():
-    from ddpmctl.generate import Denoiser, generate
+    from ddpmctl.generate import generate
+    from ddpmctl.modelfolder import Denoiser
 
     spec = S.resolve("shapes", sets=["model.base_channels=8", "model.groups=4", "model.head_channels=8",
                                      "model.time_embed_dim=16"])

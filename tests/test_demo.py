@@ -112,7 +112,7 @@ def served(run_dir):
     """(local URL, app): the demo on 127.0.0.1 at a free port, closed after the module's tests."""
     need_demo_extra()
     from ddpmctl.devices import choose_device, choose_precision
-    from ddpmctl.generate import load_source
+    from ddpmctl.modelfolder import load_source
 
     dev = choose_device("cpu")
     den = load_source(run_dir, device=dev)

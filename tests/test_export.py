@@ -147,7 +147,8 @@ def test_export_defaults_to_the_newest_run_and_refuses_a_nonempty_out(trained_ru
 def test_export_fp16_raw_weights_with_evaluation_numbers(trained_run, tmp_path):
     from huggingface_hub import ModelCard
 
-    from ddpmctl.hub import export_model_folder, load_model_folder
+    from ddpmctl.export import export_model_folder
+    from ddpmctl.modelfolder import load_model_folder
 
     run = copy_run(trained_run, tmp_path / "run")
     record = {  # as `ddpmctl eval` writes it
@@ -197,7 +198,7 @@ def test_a_failed_export_leaves_nothing_behind(trained_run, cli, tmp_path):
 
 # ---------------------------------------------------------------- loading model folders
 def test_model_folder_without_optional_sections_loads_with_defaults(trained_run, tmp_path):
-    from ddpmctl.generate import load_source
+    from ddpmctl.modelfolder import load_source
     from ddpmctl.spec import RunSpec, SampleSpec
 
     folder = tmp_path / "minimal"
@@ -215,7 +216,7 @@ def test_pickle_only_folder_is_refused_and_nothing_is_unpickled(trained_run, cli
     import pickle
 
     from ddpmctl.errors import UsageError
-    from ddpmctl.generate import load_source
+    from ddpmctl.modelfolder import load_source
 
     folder = tmp_path / "pickled"
     folder.mkdir()
@@ -247,7 +248,7 @@ def test_pickle_only_folder_is_refused_and_nothing_is_unpickled(trained_run, cli
 
 def test_foreign_config_is_refused(tmp_path):
     from ddpmctl.errors import UsageError
-    from ddpmctl.hub import load_model_folder
+    from ddpmctl.modelfolder import load_model_folder
 
     folder = tmp_path / "diffusers"
     folder.mkdir()
@@ -257,10 +258,18 @@ def test_foreign_config_is_refused(tmp_path):
         load_model_folder(folder)
 
 
+def test_out_dir_guard_knows_the_model_folder_files():
+    """outdir spells the model-folder markers out (it must not load torch); they must stay the format's."""
+    from ddpmctl.modelfolder import CONFIG_FILE, MODEL_FILE
+    from ddpmctl.outdir import MODEL_MARKERS
+
+    assert set(MODEL_MARKERS) == {CONFIG_FILE, MODEL_FILE}
+
+
 # ---------------------------------------------------------------- ONNX
 def test_onnx_missing_packages_say_how_to_install(trained_run, tmp_path, monkeypatch):
     from ddpmctl.errors import UsageError
-    from ddpmctl.hub import export_model_folder
+    from ddpmctl.export import export_model_folder
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     with pytest.raises(UsageError, match=r"pip install 'ddpmctl\[onnx\]'"):
@@ -271,7 +280,9 @@ def test_onnx_missing_packages_say_how_to_install(trained_run, tmp_path, monkeyp
 def test_onnx_export_matches_pytorch_with_a_dynamic_batch(trained_run, tmp_path):
     pytest.importorskip("onnx", reason="optional extra: pip install 'ddpmctl[onnx]'")
     ort = pytest.importorskip("onnxruntime", reason="optional extra: pip install 'ddpmctl[onnx]'")
-    from ddpmctl.hub import ONNX_ATOL, export_model_folder, load_model_folder
+    from ddpmctl.export import export_model_folder
+    from ddpmctl.modelfolder import load_model_folder
+    from ddpmctl.onnxexport import ONNX_ATOL
 
     res = export_model_folder(trained_run, tmp_path / "m", onnx=True)
     assert res.onnx_max_abs_diff is not None and res.onnx_max_abs_diff <= ONNX_ATOL

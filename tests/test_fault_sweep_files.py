@@ -40,7 +40,7 @@ def _spec(images: Path, steps: int) -> S.RunSpec:
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A 4-step run over 8 images (2 steps per epoch: sample grids at steps 2 and 4) and its export."""
-    from ddpmctl.hub import export_model_folder
+    from ddpmctl.export import export_model_folder
 
     root = tmp_path_factory.mktemp("sweep")
     images = root / "images"

@@ -245,7 +245,7 @@ def test_sample_source_hf_downloads_with_an_allow_list(trained_run, monkeypatch)
     import huggingface_hub
 
     from ddpmctl.errors import NetworkError, UsageError
-    from ddpmctl.generate import load_source
+    from ddpmctl.modelfolder import load_source
     from ddpmctl.spec import RunSpec
 
     calls = []

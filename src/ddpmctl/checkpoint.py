@@ -40,12 +40,17 @@ from ddpmctl import __version__
 from ddpmctl.errors import CheckpointError, DdpmctlError, RunDirError
 from ddpmctl.safefile import atomic_write_text, clear, fsync_dir
 from ddpmctl.smallfiles import read_object, read_text_lenient
+from ddpmctl.writes import WriteError, writing
 
 CKPT_DIR = "checkpoints"
 NEWEST = "NEWEST"
 TENSOR_FILES = ("model", "ema", "optim", "rng")
 STEP_RE = re.compile(r"^step_\d{8,}$")
 MILESTONE_RE = re.compile(r"^epoch_\d{4,}$")
+
+
+class CheckpointWriteError(WriteError, CheckpointError):
+    """A checkpoint could not be written (full disk, size limit, ...); the newest one is intact."""
 
 
 def sha256_file(path: Path) -> str:
@@ -263,24 +268,39 @@ def save_checkpoint(
     ckdir = Path(run_dir) / CKPT_DIR
     name = checkpoint_name(step)
     try:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        final = _write_dir(ckdir, name, step, tensors, state, before_publish, fault=True)
-        _fault("publish", step)
-        atomic_write_text(ckdir / NEWEST, name + "\n")
+        with writing(f"checkpoint {name} in {ckdir}", kept=lambda: still_newest(ckdir),
+                     error=CheckpointWriteError):
+            ckdir.mkdir(parents=True, exist_ok=True)
+            final = _write_dir(ckdir, name, step, tensors, state, before_publish, fault=True)
+            _fault("publish", step)
+            atomic_write_text(ckdir / NEWEST, name + "\n")
     except OSError as exc:
-        intact = _read_newest(ckdir) or "none"
         raise CheckpointError(f"could not write checkpoint {name} in {ckdir}: {exc.strerror or exc}; "
-                              f"the newest complete checkpoint is still {intact}") from None
+                              f"{still_newest(ckdir)}") from None
     _prune(ckdir, keep_last, protect=name)
     return final
+
+
+def still_newest(ckdir: Path) -> str:
+    """What a failed checkpoint write kept: the newest complete checkpoint, by name."""
+    pointer = ckdir / NEWEST
+    try:
+        intact = pointer.read_text().strip() if pointer.is_file() else ""
+    except (OSError, UnicodeDecodeError):
+        intact = ""
+    if not intact:
+        return "there is no complete checkpoint yet"
+    return f"the newest complete checkpoint is still {intact} (intact; `ddpmctl resume` continues from it)"
 
 
 def save_milestone(run_dir: Path, epoch: int, step: int, ema: dict[str, torch.Tensor], state: dict) -> Path:
     """The EMA weights at a sample epoch, kept for good: checkpoints/epoch_NNNN (never pruned)."""
     ckdir = Path(run_dir) / CKPT_DIR
     try:
-        ckdir.mkdir(parents=True, exist_ok=True)
-        return _write_dir(ckdir, milestone_name(epoch), step, {"ema": ema}, dict(state, epoch=epoch))
+        with writing(f"milestone {milestone_name(epoch)} in {ckdir}", kept=lambda: still_newest(ckdir),
+                     error=CheckpointWriteError):
+            ckdir.mkdir(parents=True, exist_ok=True)
+            return _write_dir(ckdir, milestone_name(epoch), step, {"ema": ema}, dict(state, epoch=epoch))
     except OSError as exc:
         raise CheckpointError(f"could not write milestone {milestone_name(epoch)} in {ckdir}: "
                               f"{exc.strerror or exc}") from None

@@ -30,7 +30,8 @@ import torch
 
 from ddpmctl.devices import Precision, describe
 from ddpmctl.errors import DdpmctlError
-from ddpmctl.generate import Denoiser, generate, run_defaults
+from ddpmctl.generate import generate, run_defaults
+from ddpmctl.modelfolder import Denoiser
 from ddpmctl.images import png_bytes, to_uint8
 from ddpmctl.sampler_registry import SAMPLERS, get_sampler
 

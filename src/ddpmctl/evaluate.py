@@ -42,8 +42,9 @@ from ddpmctl.data._events import Progress, emitter
 from ddpmctl.data.loader import to_unit_range
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, calc_bpd_loop
 from ddpmctl.errors import DataError, DdpmctlError, NonFiniteError, UsageError
-from ddpmctl.safefile import atomic_write, open_append
+from ddpmctl.safefile import atomic_write
 from ddpmctl.smallfiles import read_jsonl
+from ddpmctl.writes import WriteError, append_bytes
 
 Event = Callable[[dict], None]
 
@@ -595,10 +596,8 @@ def append_eval_log(directory: Path | str, record: dict) -> Path:
     """Append one JSON line to ``DIRECTORY/eval.jsonl`` (flushed and fsynced)."""
     path = Path(directory) / EVAL_LOG
     line = json.dumps(record, default=str, allow_nan=False) + "\n"
-    with open_append(path) as f:  # never through a symlink
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    append_bytes(path, line.encode("utf-8"), fsync=True,
+                 kept=f"{path.name} keeps its earlier records; this result is printed but not recorded")
     return path
 
 
@@ -665,7 +664,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
     predictable failure; then bits/dim, then samples -> features -> FID and KID.
     """
     from ddpmctl.devices import choose_device, choose_precision, describe
-    from ddpmctl.generate import generate, load_source, model_fn_for, run_defaults
+    from ddpmctl.generate import generate, model_fn_for, run_defaults
+    from ddpmctl.modelfolder import load_source
     from ddpmctl.sampler_registry import get_sampler
 
     emit = emitter(on_event)
@@ -757,6 +757,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
         if where.is_dir():  # a run dir or a local model folder; never a Hub download's cache
             try:
                 record["log"] = str(append_eval_log(where, record))
+            except WriteError as exc:  # the result is still reported (stdout): only its record is lost
+                emit({"event": "warning", "message": str(exc)})
             except OSError as exc:
                 emit({"event": "warning", "message": f"could not append to {where / EVAL_LOG}: {exc}"})
         else:

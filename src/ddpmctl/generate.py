@@ -1,4 +1,5 @@
-"""Sampling glue: load a denoiser from a run dir, draw images by seed, in batches.
+"""Sampling glue: draw images by seed, in batches, from a :class:`~ddpmctl.modelfolder.Denoiser`
+(:func:`ddpmctl.modelfolder.load_source` loads one from a run dir, a model folder or the Hub).
 
 Image i of a call depends only on its seed (one generator per image), so the batch size never
 changes the output and `--n 100` shares its first 10 images with `--n 10`.
@@ -6,32 +7,18 @@ changes the output and `--n 100` shares its first 10 images with `--n 10`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import torch
 
-from ddpmctl import checkpoint as ck
-from ddpmctl import spec as specmod
 from ddpmctl.cond import Cond
 from ddpmctl.devices import Precision
 from ddpmctl.diffusion import Schedule
 from ddpmctl.images import to_uint8
+from ddpmctl.modelfolder import Denoiser
 from ddpmctl.samplers import get_sampler, per_image_generators, randn_per_image, sample
 from ddpmctl.spec import RunSpec
-from ddpmctl.unet import UNet, build
-
-
-@dataclass
-class Denoiser:
-    """A network ready for sampling plus everything needed to interpret it."""
-
-    model: UNet
-    spec: RunSpec
-    source: str  # where it came from (run dir / checkpoint), for samples.json
-    checkpoint: str | None
-    weights: str  # "ema" | "model"
+from ddpmctl.unet import UNet
 
 
 def model_fn_for(model: UNet, precision: Precision | None, device: torch.device) -> Callable:
@@ -44,22 +31,6 @@ def model_fn_for(model: UNet, precision: Precision | None, device: torch.device)
             return model(x, t, cond).float()
 
     return fn
-
-
-def load_run(run_dir: Path, *, use_ema: bool = True, device: torch.device | str = "cpu",
-             on_warning: Callable[[str], None] | None = None) -> Denoiser:
-    run_dir = ck.check_run_dir(Path(run_dir))
-    spec = specmod.load(run_dir / "spec.json")
-    ckpt = ck.find_newest(run_dir, on_warning=on_warning)
-    model = build(spec.model)
-    kind = "ema" if use_ema else "model"
-    weights = ckpt.tensors(kind)
-    expected = ck.tensor_specs(model.state_dict())
-    params = set(dict(model.named_parameters()))
-    ck.check_fits_spec(ckpt, kind, weights, expected, optional=frozenset(k for k in expected if k not in params))
-    model.load_state_dict(weights, strict=False)
-    model.to(device).eval()
-    return Denoiser(model, spec, str(run_dir), ckpt.path.name, "ema" if use_ema else "model")
 
 
 def generate(
@@ -127,27 +98,6 @@ def compile_pays_off(spec: RunSpec, n: int, sampler: str, steps: int | None, dev
     :data:`COMPILE_MIN_IMAGE_STEPS` image-steps up, never elsewhere."""
     nfe = get_sampler(sampler).steps_for(spec.diffusion.timesteps, steps)
     return torch.device(device).type == "cuda" and n * nfe >= COMPILE_MIN_IMAGE_STEPS
-
-
-def load_source(source: str | Path | None, *, use_ema: bool = True, device: torch.device | str = "cpu",
-                on_warning: Callable[[str], None] | None = None) -> Denoiser:
-    """SOURCE: a run dir (default: the newest under ./runs), a model folder written by `ddpmctl export`
-    (config.json + model.safetensors), or hf:OWNER/NAME[@REV] on the Hugging Face Hub."""
-    from ddpmctl import hub
-
-    if source is None:
-        run = ck.newest_run()
-        if on_warning:
-            on_warning(f"using the newest run: {run}")
-        return load_run(run, use_ema=use_ema, device=device, on_warning=on_warning)
-    if isinstance(source, str) and source.startswith(hub.HF_PREFIX):
-        return hub.load_hf(source, device=device, use_ema=use_ema, on_warning=on_warning)
-    path = Path(source)
-    if path.is_dir() and not (path / "spec.json").exists() and (
-            (path / hub.CONFIG_FILE).exists() or (path / hub.MODEL_FILE).exists()
-            or any(p.suffix.lower() in hub.PICKLE_SUFFIXES for p in path.iterdir())):
-        return hub.load_model_folder(path, device=device, use_ema=use_ema, on_warning=on_warning)
-    return load_run(path, use_ema=use_ema, device=device, on_warning=on_warning)
 
 
 def run_defaults(spec: RunSpec, sampler: str | None) -> tuple[str, int, float]:

@@ -6,12 +6,19 @@ replaced when it is an output folder, never a run directory, a model folder (exc
 of any of them. `staged_dir` holds the folder's lock (:func:`ddpmctl.lock.out_lock`) while it
 writes, so a second writer of the same folder is refused instead of silently replacing the first
 one's result.
+
+A writer stages its output under a name that carries its PID (``.OUT.partial-PID``,
+``FILE.part-PID``); a signal removes it on the way out (``cli.main`` turns SIGTERM into an
+exception like Ctrl-C's), and a SIGKILL's leftover is removed by the next writer of the same
+output, once no process of that PID runs on this machine.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -20,7 +27,9 @@ from ddpmctl.errors import UsageError
 from ddpmctl.safefile import clear
 
 RUN_MARKER = "spec.json"  # ddpmctl.checkpoint.check_run_dir
-MODEL_MARKERS = ("config.json", "model.safetensors")  # ddpmctl.hub.CONFIG_FILE, MODEL_FILE
+# ddpmctl.modelfolder.CONFIG_FILE, MODEL_FILE (spelled out: importing it would load torch into the data
+# commands, which use this module; tests/test_export.py checks they agree)
+MODEL_MARKERS = ("config.json", "model.safetensors")
 RUN_PARTS = ("checkpoints", "samples")  # folders a run directory keeps its own files in
 
 
@@ -76,6 +85,49 @@ def check_out_dir(out: Path, overwrite: bool, *, reading: Iterable[Path | str] =
                              "for the output")
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of that PID runs on this machine (this one counts; unknown counts as alive)."""
+    if pid == os.getpid():
+        return True
+    if sys.platform == "win32":
+        return True  # cannot tell cheaply
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: alive, another user's
+        return True
+    return True
+
+
+def remove_stale(folder: Path, prefix: str) -> list[Path]:
+    """Remove ``folder/PREFIX<PID>`` files and folders whose PID is no longer running; return them."""
+    removed = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    pattern = re.compile(re.escape(prefix) + r"(\d+)$")
+    for p in entries:
+        m = pattern.match(p.name)
+        if m is None or pid_alive(int(m.group(1))):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        except OSError:
+            continue
+        removed.append(p)
+    return removed
+
+
+def staging_prefix(out: Path) -> str:
+    """The name of ``out``'s staging folders, before the PID."""
+    return f".{Path(out).name}.partial-"
+
+
 @contextmanager
 def staged_dir(out: Path, overwrite: bool = False, *, reading: Iterable[Path | str] = (),
                model_folder: bool = False) -> Iterator[Path]:
@@ -91,7 +143,8 @@ def staged_dir(out: Path, overwrite: bool = False, *, reading: Iterable[Path | s
     out.parent.mkdir(parents=True, exist_ok=True)
     with out_lock(out):
         check_out_dir(given, overwrite, reading=reading, model_folder=model_folder)
-        tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        remove_stale(out.parent, staging_prefix(out))  # what a killed earlier writer left
+        tmp = out.with_name(f"{staging_prefix(out)}{os.getpid()}")
         clear(tmp)
         tmp.mkdir()
         try:

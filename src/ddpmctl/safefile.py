@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import BinaryIO, Iterator, TextIO
 
 from ddpmctl.errors import SymlinkError
+from ddpmctl.writes import writing
 
 O_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # 0 on Windows, where creating symlinks needs privileges
 O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -90,11 +91,12 @@ def atomic_write(path: Path | str) -> Iterator[BinaryIO]:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)  # a leftover of this PID (or a planted link: unlink removes the link)
     try:
-        with os.fdopen(open_owned(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with writing(path, kept=f"{path.name} is as it was"):  # a full disk: one message (ddpmctl.writes)
+            with os.fdopen(open_owned(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     fsync_dir(path.parent)

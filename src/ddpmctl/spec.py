@@ -18,6 +18,7 @@ from ddpmctl.sampler_registry import SamplerName
 from ddpmctl.smallfiles import read_object
 
 SPEC_VERSION = 1
+MAX_CHANNEL_MULT = 16  # widest level = base_channels x 16 at most (the presets use up to 4)
 
 
 class _Section(BaseModel):
@@ -39,8 +40,9 @@ class ModelSpec(_Section):
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
         levels = len(self.channel_mult)
-        if any(m < 1 for m in self.channel_mult):
-            raise ValueError(f"channel_mult must be positive integers, got {list(self.channel_mult)}")
+        if any(not 1 <= m <= MAX_CHANNEL_MULT for m in self.channel_mult):
+            raise ValueError(f"channel_mult entries must be integers from 1 to {MAX_CHANNEL_MULT} (e.g. [1, 2, 2, 2]), "
+                             f"got {list(self.channel_mult)}")
         div = 2 ** (levels - 1)
         if self.image_size % div:
             ok = [s for s in (28, 32, 64, 128, 256) if s % div == 0]

@@ -35,10 +35,12 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
-from ddpmctl.safefile import open_append, open_owned, open_update, refuse_symlink
+from ddpmctl.safefile import open_owned, open_update, refuse_symlink
+from ddpmctl.memory import check_fits
 from ddpmctl.spec import RunSpec
 from ddpmctl.step import optimizer_for, setup_training
 from ddpmctl.unet import build, count_parameters
+from ddpmctl.writes import append_bytes
 
 Event = Callable[[dict], None]
 PROCESS_START = time.monotonic()  # train.time_limit counts this process's wall time from here
@@ -240,6 +242,8 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     data = data if data is not None else load(allow_download=False)
     global_batch = min(tr.batch_size, int(data.images.shape[0]))
     check_batch(global_batch, dist.world_size)
+    # before the model is allocated: a spec that cannot fit the device is refused with the estimate
+    check_fits(spec, device, precision.name, math.ceil(global_batch / dist.world_size))
     loader = DeviceLoader(data.images, tr.batch_size, device, seed=tr.seed, flip=spec.data.flip,
                           shard=(dist.rank, dist.world_size))
     steps_per_epoch = loader.steps_per_epoch
@@ -664,7 +668,8 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
     """Draw the fixed-seed grid with the EMA weights and save samples/epoch_NNNN.png.
 
     Runs under fork_rng: building the throw-away network must not move the training RNG streams."""
-    from ddpmctl.generate import Denoiser, generate
+    from ddpmctl.generate import generate
+    from ddpmctl.modelfolder import Denoiser
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         net = build(spec.model).to(device)
@@ -703,9 +708,8 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
 def _append_metrics(path: Path, rec: dict) -> int:
     """Append one record; return the file's length (saved in checkpoints to truncate on resume)."""
     try:
-        with open_append(path) as f:  # never through a symlink (ddpmctl.safefile)
-            f.write(json.dumps(rec) + "\n")
-            return f.tell()
+        return append_bytes(path, (json.dumps(rec) + "\n").encode("utf-8"), kept=lambda: (
+            f"{path.name} keeps its earlier records; {ck.still_newest(path.parent / ck.CKPT_DIR)}"))
     except OSError as exc:
         raise DdpmctlError(f"cannot write {path}: {exc.strerror or exc}") from None
 

@@ -28,8 +28,11 @@ _register()
 def main() -> None:
     from rich.markup import escape
 
+    from ddpmctl.cli.common import Terminated, handle_sigterm
     from ddpmctl.errors import DdpmctlError
+    from ddpmctl.writes import as_write_error
 
+    handle_sigterm()  # like Ctrl-C: every command's cleanup runs, then exit 143
     try:
         rc = app(standalone_mode=False)
     except DdpmctlError as exc:
@@ -39,10 +42,17 @@ def main() -> None:
             traceback.print_exc()
         err_console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
+    except Terminated:  # SIGTERM: every cleanup on the way here ran
+        err_console.print("terminated", highlight=False)
+        sys.exit(Terminated.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted", highlight=False)
         sys.exit(130)
     except Exception as exc:
+        failed = as_write_error(exc)  # a failed write that no writer wrapped: still one line, exit 1
+        if failed is not None:
+            err_console.print(f"[bold red]error:[/] {escape(str(failed))}", highlight=False, soft_wrap=True)
+            sys.exit(failed.exit_code)
         # Usage errors of the click that typer bundles: duck-typed, as typer may vendor its own copy.
         name = type(exc).__name__
         if hasattr(exc, "show") and hasattr(exc, "exit_code"):  # ClickException, UsageError, BadParameter

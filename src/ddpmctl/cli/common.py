@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -83,3 +84,29 @@ def print_json(obj: Any) -> None:
     """One JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")
     sys.stdout.flush()
+
+
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread wherever it is, so that every ``finally`` and cleanup runs
+    on the way out (staged ``.OUT.partial-PID`` folders, download ``.part-PID`` files, the demo
+    server) as it does for Ctrl-C; the process then exits 143 (main() adds one line, "terminated").
+    A SystemExit, not a KeyboardInterrupt: typer would turn that into a plain exit 130, and no
+    ``except Exception`` in between mistakes it for a failure. Training catches SIGTERM itself
+    (``cli.progress.signals_to``: finish the step, checkpoint, stop) and restores this afterwards."""
+
+    exit_code = 128 + signal.SIGTERM
+
+    def __init__(self) -> None:
+        super().__init__(self.exit_code)
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def handle_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` (main thread only; elsewhere nothing changes)."""
+    try:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:  # not the main thread: signals are the host program's business
+        pass

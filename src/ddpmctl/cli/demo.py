@@ -36,7 +36,7 @@ def demo(
 
     require_gradio()  # before loading anything: without the extra, exit 1 with the install command
     from ddpmctl.devices import choose_device, choose_precision
-    from ddpmctl.generate import load_source
+    from ddpmctl.modelfolder import load_source
 
     dev = choose_device(device or "auto")
     prec = choose_precision(precision, dev)

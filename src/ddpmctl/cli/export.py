@@ -49,7 +49,7 @@ def export(
     from ddpmctl import checkpoint as ck
     from ddpmctl.cli.progress import ProgressView
     from ddpmctl.devices import choose_device
-    from ddpmctl.hub import export_model_folder
+    from ddpmctl.export import export_model_folder
 
     if run_dir is None:
         run_dir = ck.newest_run()

@@ -84,7 +84,8 @@ def _trajectory(run_dir: Path, n: int, frames: int, sampler: str, steps, seed: i
     import torch
 
     from ddpmctl.devices import choose_device
-    from ddpmctl.generate import generate, load_source, run_defaults
+    from ddpmctl.generate import generate, run_defaults
+    from ddpmctl.modelfolder import load_source
     from ddpmctl.images import make_grid, save_gif, to_uint8
     from ddpmctl.sampler_registry import get_sampler
 

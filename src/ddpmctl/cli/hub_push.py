@@ -40,7 +40,7 @@ def hub_push(
     A run directory is exported into a temporary folder first; nothing is written into the run.
     """
     from ddpmctl.devices import choose_device
-    from ddpmctl.hub import push
+    from ddpmctl.push import push
 
     dev = choose_device(device or "auto")
     res = push(source, repo_id=repo_id, private=private, revision=revision, commit_message=commit_message,

@@ -48,11 +48,13 @@ def sample(
     from ddpmctl.cli.train import join_job, launch_workers
     from ddpmctl.devices import choose_device, choose_precision, describe
     from ddpmctl.dist import rank_device
-    from ddpmctl.generate import compile_pays_off, generate, load_source, run_defaults
+    from ddpmctl.generate import compile_pays_off, generate, run_defaults
     from ddpmctl.hub import HF_PREFIX
+    from ddpmctl.modelfolder import load_source
     from ddpmctl.images import save_png
     from ddpmctl.outdir import check_out_dir, staged_dir
     from ddpmctl.sampler_registry import get_sampler
+    from ddpmctl.writes import writing
 
     reading = [source] if source and not source.startswith(HF_PREFIX) else []  # never replaced by --overwrite
     check_out_dir(out, overwrite, reading=reading)
@@ -88,7 +90,8 @@ def sample(
         stage = staged_dir(out, overwrite, reading=reading)
     else:  # rank 0 stages the folder and publishes it after every rank has written its images
         stage = _shared_stage(job, out, overwrite, reading)
-    with stage as tmp, ProgressView(quiet, silent=not job.is_main) as view:
+    kept = f"{out} is as it was before this command (the partial images were removed)"
+    with writing(out, kept=kept), stage as tmp, ProgressView(quiet, silent=not job.is_main) as view:
         view.meter("sampling", "sampling", len(mine))
         done = 0
 

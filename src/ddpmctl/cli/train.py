@@ -181,8 +181,9 @@ def train(
     data_root: Annotated[Optional[Path], typer.Option(help="Prepared-data root (default $DDPMCTL_DATA or "
                                                            "the per-user data dir).")] = None,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the resolved spec, parameter count, device "
-                                                            "and the run's estimated wall time (a few timed "
-                                                            "steps); write nothing.")] = False,
+                                                            "memory estimate (exit 2 if it cannot fit the device) "
+                                                            "and estimated wall time (a few timed steps); write "
+                                                            "nothing.")] = False,
     time_limit: TimeLimitOpt = None,
     nproc: NprocOpt = None,
     quiet: QuietOpt = False,
@@ -248,18 +249,19 @@ def run_estimate(spec, data_root: Optional[Path]) -> tuple[Optional[dict], Optio
 
 
 def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> None:
-    import torch
-
+    """The resolved spec, parameters, device, memory and wall-time estimates; a spec that cannot fit
+    the device is refused here as the real run would refuse it (exit 2), assuming the data has
+    batch_size images."""
     from ddpmctl.cli.progress import describe_estimate
-    from ddpmctl.devices import choose_device, describe
-    from ddpmctl.unet import build, count_parameters
+    from ddpmctl.devices import choose_device, choose_precision, describe
+    from ddpmctl.memory import check_fits, human
 
     dev = choose_device(spec.train.device)
-    with torch.device("meta"):
-        n = count_parameters(build(spec.model))
+    mem = check_fits(spec, dev, choose_precision(spec.train.precision, dev).name)
+    n = mem.parameters
     estimate, why_not = run_estimate(spec, data_root)
     report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev),
-              "estimate": estimate, **({"estimate_skipped": why_not} if why_not else {})}
+              "memory": mem.to_dict(), "estimate": estimate, **({"estimate_skipped": why_not} if why_not else {})}
     if as_json:
         print_json(report)
         return
@@ -268,4 +270,6 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
     print(json.dumps(report["spec"], indent=2))
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     print(f"device: {report['device']}")
+    print(f"memory: at least {human(mem.total_bytes)} ({human(mem.parameter_bytes)} for parameters, gradients, "
+          f"AdamW and EMA; {human(mem.activation_bytes)} of activations at batch {mem.batch}, {mem.precision})")
     print(describe_estimate(estimate, dev.type) if estimate else f"no time estimate: {why_not}")

@@ -15,7 +15,9 @@ from pathlib import Path
 from ddpmctl import __version__
 from ddpmctl.data._events import Event, Progress
 from ddpmctl.errors import DataError, NetworkError, UsageError
+from ddpmctl.outdir import remove_stale
 from ddpmctl.safefile import open_owned
+from ddpmctl.writes import as_write_error
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60
@@ -63,6 +65,7 @@ def download_file(url: str, dest: Path, *, sha256: str, on_event: Event | None =
             return dest
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(dest.parent, f"{dest.name}.part-")  # a killed earlier download's partial file
     part = dest.with_name(f"{dest.name}.part-{os.getpid()}")
     retry = "check the address and your connection, then run the same command again"
     h = hashlib.sha256()
@@ -87,6 +90,9 @@ def download_file(url: str, dest: Path, *, sha256: str, on_event: Event | None =
     except (urllib.error.URLError, socket.timeout, TimeoutError, ConnectionError, http.client.HTTPException,
             OSError) as exc:
         part.unlink(missing_ok=True)
+        failed = as_write_error(exc, dest, "the partial download was deleted; nothing was prepared")
+        if failed is not None:  # our side: a full disk, a size limit, a read-only folder
+            raise failed from None
         reason = getattr(exc, "reason", None) or exc
         raise NetworkError(f"could not download {url}: {reason}; {retry}") from exc
     except BaseException:

@@ -29,6 +29,8 @@ import numpy as np
 from ddpmctl import __version__
 from ddpmctl.errors import DataError, UsageError
 from ddpmctl.smallfiles import read_object
+from ddpmctl.outdir import pid_alive
+from ddpmctl.writes import WRITE_ERRNOS, as_write_error
 
 FORMAT = "ddpmctl-dataset/1"
 INFO_FILE = "dataset.json"
@@ -196,20 +198,6 @@ def list_prepared(root: Path | str | None = None) -> list[dict]:
 # ----------------------------------------------------------------------------- writing
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    if sys.platform == "win32":
-        return True  # cannot tell cheaply; the age rule below still cleans up
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
 def clean_stale(root: Path) -> None:
     """Remove temporary folders left by interrupted preparations (dead owner, or older than a day)."""
     if not root.is_dir():
@@ -222,7 +210,7 @@ def clean_stale(root: Path) -> None:
             old = time.time() - d.stat().st_mtime > 86400
         except OSError:
             continue
-        if old or not _pid_alive(int(m.group(2))):
+        if old or not pid_alive(int(m.group(2))):
             shutil.rmtree(d, ignore_errors=True)
 
 
@@ -245,10 +233,19 @@ class PreparedWriter:
     def __enter__(self) -> "PreparedWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, kind, exc, tb) -> None:
         self._bufs.clear()
         if not self.committed:
             shutil.rmtree(self.tmp, ignore_errors=True)
+        failed = as_write_error(exc, self.root / self.name, self._kept()) if exc is not None else None
+        if failed is not None:  # a full disk, a size limit, a read-only root: one message
+            raise failed from None
+
+    def _kept(self) -> str:
+        final = self.root / self.name
+        if final.is_dir():
+            return f"nothing was prepared; the dataset already in {final} is as it was"
+        return "nothing was prepared (the partial files were removed)"
 
     def buffer(self, split: str, n: int, channels: int, size: int) -> np.ndarray:
         """A writable (n, C, S, S) uint8 array backed by this split's .npy file (memory-mapped).
@@ -259,6 +256,7 @@ class PreparedWriter:
             raise ValueError("a split needs at least one image")
         path = self.tmp / array_file(split)
         mm = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, channels, size, size))
+        _reserve(path)
         self._bufs[split] = mm
         return mm
 
@@ -323,6 +321,22 @@ class PreparedWriter:
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         return final, info
+
+
+def _reserve(path: Path) -> None:
+    """Allocate a memory-mapped file's blocks now: on a full disk, writing into a sparse map would
+    kill the process with SIGBUS; posix_fallocate fails with ENOSPC (an OSError) instead."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+    except OSError as exc:
+        if exc.errno in WRITE_ERRNOS:
+            raise
+        # EOPNOTSUPP/EINVAL: a filesystem without fallocate; the writes below fail as they may
+    finally:
+        os.close(fd)
 
 
 def _shrink_npy(path: Path, count: int) -> None:

@@ -1,0 +1,187 @@
+"""`ddpmctl export`: a run's newest checkpoint -> a model folder (:mod:`ddpmctl.modelfolder`).
+
+It writes the weights, config.json (the spec sections that rebuild the network and the schedule,
+how the model was trained, the run's evaluation rows), the sample grid drawn from the exported
+weights exactly as `ddpmctl sample` would load them, the model card (:mod:`ddpmctl.card`) and,
+when asked, model.onnx (:mod:`ddpmctl.onnxexport`). The folder appears whole or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as save_safetensors
+
+from ddpmctl import __version__
+from ddpmctl import checkpoint as ck
+from ddpmctl import spec as specmod
+from ddpmctl.card import read_eval, render_card
+from ddpmctl.devices import choose_precision
+from ddpmctl.errors import UsageError
+from ddpmctl.generate import generate
+from ddpmctl.hub import HF_PREFIX
+from ddpmctl.images import make_grid, save_png
+from ddpmctl.modelfolder import (CARD_FILE, CONFIG_FILE, DTYPES, FORMAT, FORMAT_VERSION, GRID_FILE, MODEL_FILE,
+                                 ONNX_FILE, Denoiser, Warn, load_model_folder)
+from ddpmctl.onnxexport import ONNX_ATOL, export_onnx, onnx_opset, require_onnx
+from ddpmctl.outdir import check_out_dir, staged_dir
+from ddpmctl.sampler_registry import get_sampler
+from ddpmctl.spec import RunSpec
+from ddpmctl.unet import build
+from ddpmctl.writes import writing
+
+GRID_N, GRID_NROW, GRID_SEED = 16, 4, 0  # samples.png: images 0..15, 4 per row
+# Datasets the card can link on the Hub, by ddpmctl name.
+HUB_DATASETS = {"mnist": "ylecun/mnist", "fashion-mnist": "zalando-datasets/fashion_mnist",
+                "cifar10": "uoft-cs/cifar10"}
+
+
+@dataclass
+class ExportResult:
+    out: str
+    files: dict[str, int]  # name -> bytes
+    dtype: str
+    weights: str  # ema | model
+    step: int
+    onnx_max_abs_diff: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def export_model_folder(
+    run_dir: Path,
+    out: Path,
+    *,
+    dtype: str = "fp32",
+    use_ema: bool = True,
+    repo_id: str | None = None,
+    license: str = "mit",
+    onnx: bool = False,
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    on_warning: Warn | None = None,
+) -> ExportResult:
+    """Write RUN_DIR's newest checkpoint as a model folder at `out` (whole or not at all).
+
+    `repo_id`, when known, makes the card's sample command `ddpmctl sample hf:REPO_ID ...`;
+    otherwise it names `out`.
+    """
+    check_out_dir(Path(out), overwrite, reading=[run_dir], model_folder=True)
+    if dtype not in DTYPES:
+        raise UsageError(f"--dtype {dtype!r}: expected one of {', '.join(DTYPES)}")
+    if onnx:
+        require_onnx()
+    run_dir = ck.check_run_dir(Path(run_dir))
+    spec = specmod.load(run_dir / "spec.json")
+    ckpt = ck.find_newest(run_dir, on_warning=on_warning)
+    kind = "ema" if use_ema else "model"
+    tensors = ckpt.tensors(kind)
+    with torch.device("meta"):
+        expected = ck.tensor_specs(build(spec.model).state_dict())
+    ck.check_fits_spec(ckpt, kind, tensors, expected)  # the check `sample` and `resume` make
+    tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
+    config = _make_config(spec, run_dir, ckpt, kind, dtype, sum(v.numel() for v in tensors.values()))
+
+    out = Path(out)
+    with writing(out, kept=f"{out} is as it was before this command (the partial folder was removed)"), \
+            staged_dir(out, overwrite, reading=[run_dir], model_folder=True) as tmp:
+        (tmp / MODEL_FILE).write_bytes(save_safetensors(tensors, metadata={
+            "format": "pt", "ddpmctl": __version__, "dtype": dtype, "weights": kind, "step": str(ckpt.step)}))
+        _write_json(tmp / CONFIG_FILE, config)
+        # Load the folder back exactly as `ddpmctl sample` will, and draw the card's grid with it.
+        den = load_model_folder(tmp, device=device)
+        _draw_grid(den, config["grid"], tmp / GRID_FILE, device)
+        diff = None
+        if onnx:
+            diff = export_onnx(den.model, spec, tmp / ONNX_FILE)
+            config["onnx"] = {"file": ONNX_FILE, "dtype": "fp32", "opset": onnx_opset(tmp / ONNX_FILE),
+                              "max_abs_diff": diff, "tolerance": ONNX_ATOL}
+            _write_json(tmp / CONFIG_FILE, config)
+        source = f"{HF_PREFIX}{repo_id}" if repo_id else str(out)
+        (tmp / CARD_FILE).write_text(render_card(config, source, license=license), encoding="utf-8")
+        files = file_sizes(tmp)
+    return ExportResult(str(out), files, dtype, kind, ckpt.step, diff)
+
+
+def _dataset_info(source: str) -> tuple[str, list[str]]:
+    """(description for the card, Hub dataset ids). Local paths are named, never spelled out."""
+    if source.startswith("hf://datasets/"):
+        repo = source.removeprefix("hf://datasets/").split("@")[0].strip("/")
+        repo = "/".join(repo.split("/")[:2])
+        return repo, [repo]
+    if "://" in source:
+        return f"images from {source.split('://', 1)[1].split('/')[0]}", []
+    if source.startswith("/") or source.startswith(".") or "/" in source or os.sep in source:
+        return f"a local image collection (`{Path(source).name}`)", []
+    if source == "shapes":
+        return "shapes: ddpmctl's built-in procedural circles, squares and triangles", []
+    hub = HUB_DATASETS.get(source)
+    return source, [hub] if hub else []
+
+
+def _make_config(spec: RunSpec, run_dir: Path, ckpt: ck.Checkpoint, kind: str, dtype: str, n_params: int) -> dict:
+    st = ckpt.state
+    desc, hub_ids = _dataset_info(spec.data.source)
+    s = spec.sample
+    how = get_sampler(s.sampler)
+    steps = None if how.all_steps else s.steps
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "ddpmctl_version": __version__,
+        "spec_version": spec.version,
+        "preset": spec.preset,
+        "model": spec.model.model_dump(mode="json"),
+        "diffusion": spec.diffusion.model_dump(mode="json"),
+        "sample": s.model_dump(mode="json"),
+        "weights": {"file": MODEL_FILE, "dtype": dtype, "kind": kind, "parameters": n_params},
+        "training": {
+            "run": run_dir.resolve().name,
+            "checkpoint": ckpt.path.name,
+            "dataset": desc,
+            "hub_datasets": hub_ids,
+            "flip": spec.data.flip,
+            "steps": ckpt.step,
+            "epochs": st.get("epoch"),
+            "images_seen": st.get("images_seen"),
+            "final_loss": st.get("last_loss"),
+            "skipped_steps": st.get("skipped_steps", 0),
+            "batch_size": spec.train.batch_size,
+            "optimizer": ("SGD (momentum {:g})".format(spec.optim.momentum) if spec.optim.name == "sgd" else
+                          "AdamW" + (f" after {spec.optim.warm_start_steps} steps of SGD (momentum "
+                                     f"{spec.optim.momentum:g})" if spec.optim.warm_start_steps else "")),
+            "lr": spec.optim.lr,
+            "warmup_steps": spec.optim.warmup_steps,
+            "weight_decay": spec.optim.weight_decay,
+            "grad_clip": spec.optim.grad_clip,
+            "ema_decay": spec.optim.ema_decay,
+            "precision": spec.train.precision,
+            "seed": spec.train.seed,
+        },
+        "evaluation": read_eval(run_dir),
+        "grid": {"file": GRID_FILE, "n": GRID_N, "nrow": GRID_NROW, "seed": GRID_SEED, "sampler": s.sampler,
+                 "steps": steps, "eta": how.eta_or_none(s.eta)},
+    }
+
+
+def _draw_grid(den: Denoiser, grid: dict, path: Path, device) -> None:
+    device = torch.device(device)
+    seeds = list(range(grid["seed"], grid["seed"] + grid["n"]))
+    imgs = torch.cat([b for _, b, _ in generate(den, seeds, sampler=grid["sampler"], steps=grid["steps"],
+                                                eta=grid["eta"] or 0.0, batch_size=grid["n"], device=device,
+                                                precision=choose_precision("fp32", device))])
+    save_png(path, make_grid(imgs, nrow=grid["nrow"]))
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir()) if p.is_file()}
