@@ -19,7 +19,8 @@ from ddpmctl.samplers import PerImageNoise, noise_chunk_steps, per_image_generat
 from ddpmctl.step import _CompiledOrEager, make_sample_fn, maybe_compile
 from ddpmctl.unet import Attention, ResBlock, build
 
-pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+# The tests marked numerics run again with the AVX2 cap in .ci/run (issue 18); the CLI-output ones do not.
+NUMERICS = pytest.mark.numerics
 
 F64 = torch.float64
 
@@ -109,6 +110,7 @@ def _randomise(module):
     return module
 
 
+@NUMERICS
 @pytest.mark.parametrize("in_ch, out_ch", [(16, 16), (16, 32)])
 def test_resblock_matches_plain_formulation_forward_and_backward(in_ch, out_ch):
     blk = _randomise(ResBlock(in_ch, out_ch, 24, 0.0, 8)).to(F64)
@@ -125,6 +127,7 @@ def test_resblock_matches_plain_formulation_forward_and_backward(in_ch, out_ch):
         torch.testing.assert_close(blk(x, emb), y_ref, rtol=1e-12, atol=1e-12)
 
 
+@NUMERICS
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_attention_token_path_matches_convolutions(channels_last):
     att = _randomise(Attention(32, 8, 8)).to(F64)
@@ -138,6 +141,7 @@ def test_attention_token_path_matches_convolutions(channels_last):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@NUMERICS
 def test_channels_last_network_matches_default_layout_on_cpu():
     sp = S.resolve("shapes").model
     net = _randomise(build(sp)).eval()
@@ -152,6 +156,7 @@ def test_channels_last_network_matches_default_layout_on_cpu():
 # ------------------------------------------------------------------------------ sampling fast paths
 
 
+@NUMERICS
 def test_sample_fn_on_cpu_is_the_fp32_model():
     sp = S.resolve("shapes").model
     net = _randomise(build(sp)).eval()
@@ -161,6 +166,7 @@ def test_sample_fn_on_cpu_is_the_fp32_model():
         torch.testing.assert_close(fn(x, t), net(x, t), rtol=0, atol=0)
 
 
+@NUMERICS
 def test_bf16_sample_fn_stays_within_bf16_tolerance_on_cpu_and_leaves_the_model_fp32():
     sp = S.resolve("shapes").model
     net = _randomise(build(sp)).eval()
@@ -184,6 +190,7 @@ def _cpu_flags() -> set[str] | None:
     return None
 
 
+@NUMERICS
 def test_auto_precision_on_cpu_is_bf16_exactly_when_the_cpu_has_native_bf16():
     flags = _cpu_flags()
     if flags is None or "avx2" not in flags:
@@ -200,6 +207,7 @@ def test_auto_precision_on_cpu_is_bf16_exactly_when_the_cpu_has_native_bf16():
     assert choose_precision("fp32", cpu).autocast_dtype is None  # the way back to full precision
 
 
+@NUMERICS
 @pytest.mark.parametrize("cap", [{"ONEDNN_MAX_CPU_ISA": "AVX2"}, {"ATEN_CPU_CAPABILITY": "avx2"}])
 def test_an_isa_cap_below_avx512_makes_auto_precision_fp32(cap):
     """Told to use AVX2 (as an older CPU would), auto must not pick bf16 that would then be emulated."""
@@ -210,6 +218,7 @@ def test_an_isa_cap_below_avx512_makes_auto_precision_fp32(cap):
     assert r.stdout.strip() == "fp32"
 
 
+@NUMERICS
 def test_bf16_training_on_cpu_tracks_fp32_and_keeps_fp32_master_weights():
     """The CPU's bf16 autocast step: same losses as fp32 within bf16 rounding, parameters, gradients
     and optimizer state stay float32, and the updates match fp32's direction."""
@@ -238,6 +247,7 @@ def test_bf16_training_on_cpu_tracks_fp32_and_keeps_fp32_master_weights():
     assert cos > 0.9, cos
 
 
+@NUMERICS
 @pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32), (1, 28, 28)])
 def test_chunked_noise_equals_per_step_draws_on_cpu(shape):
     """Chunking the per-image draws leaves CPU samples unchanged (image sizes with 16k elements)."""
@@ -249,6 +259,7 @@ def test_chunked_noise_equals_per_step_draws_on_cpu(shape):
         torch.testing.assert_close(noise.next(), randn_per_image(gens, shape, "cpu"), rtol=0, atol=0)
 
 
+@NUMERICS
 def test_chunked_noise_depends_on_the_image_seed_only():
     shape = (3, 5, 7)  # an odd size, where the chunked stream differs from per-step draws
     a = PerImageNoise(per_image_generators([1, 2, 3], "cpu"), shape, "cpu")
@@ -290,6 +301,7 @@ def test_compile_failure_falls_back_to_eager_and_says_why(monkeypatch):
     assert fwd.failed.startswith("RuntimeError")
 
 
+@NUMERICS
 def test_generate_picks_a_batch_size_and_images_depend_only_on_their_seed():
     from ddpmctl.generate import generate
     from ddpmctl.modelfolder import Denoiser
@@ -320,6 +332,7 @@ def test_sampling_compiles_automatically_on_cuda_for_large_jobs_only_and_never_o
     assert not compile_pays_off(spec, big, "dpm-solver++", 20, "cuda")  # 20 evaluations, not 1000
 
 
+@NUMERICS
 def test_ema_update_is_the_moving_average_and_holds_still_on_a_skipped_step():
     from ddpmctl.ema import EMA, ema_decay_at
 
