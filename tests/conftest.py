@@ -53,3 +53,23 @@ def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
     except SystemExit as exc:
         code = exc.code or 0
     return code, capsys.readouterr().out, err.getvalue()
+
+
+def make_images(folder: Path, n: int = 16) -> Path:
+    """``n`` random 8x8 RGB PNGs (seeded, so every test gets the same data) in ``folder``."""
+    from ddpmctl.images import save_png
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        save_png(folder / f"{i:02d}.png", (torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8))
+    return folder
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for an in-process run (bitwise comparisons need the same thread count)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

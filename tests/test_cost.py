@@ -14,12 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import run_main
+from conftest import run_main, make_images as _images
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as S
 from ddpmctl.durations import human_duration, parse_duration, short_duration
 from ddpmctl.errors import UsageError
-from ddpmctl.images import save_png
 from ddpmctl.train import run
 
 TINY = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolutions=[4]",
@@ -27,22 +26,6 @@ TINY = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolut
         "model.time_embed_dim=32", "sample.grid_size=2", "sample.steps=2", "train.sample_every=1000",
         "train.log_every=1000", "diffusion.timesteps=100"]
 TINY_ARGS = [a for s in TINY for a in ("--set", s)]
-
-
-def _images(folder: Path, n: int = 16) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        save_png(folder / f"{i:02d}.png", (torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8))
-    return folder
-
-
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # ---------------------------------------------------------------- durations

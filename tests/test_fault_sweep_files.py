@@ -59,14 +59,6 @@ def base(tmp_path_factory):
             "data": root / "data"}
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _copy(base, what: str, tmp_path: Path) -> Path:
     dest = tmp_path / what
     shutil.copytree(base[what], dest)

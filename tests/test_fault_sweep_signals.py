@@ -29,10 +29,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_main
+from conftest import run_main, make_images
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as S
-from ddpmctl.images import png_bytes, save_png
+from ddpmctl.images import png_bytes
 from ddpmctl.memory import device_memory, estimate
 from ddpmctl.train import run
 
@@ -43,11 +43,7 @@ TINY = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolut
 
 
 def _images(folder: Path, n: int = 8) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        save_png(folder / f"{i:02d}.png", (torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8))
-    return folder
+    return make_images(folder, n)
 
 
 def _tiny_spec(images: Path, steps: int, *extra: str) -> S.RunSpec:

@@ -30,9 +30,9 @@ from safetensors.torch import load_file
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as S
 from ddpmctl.errors import CheckpointError, NonFiniteError, UsageError
-from ddpmctl.images import save_png
 from ddpmctl.train import run
 from nan_injection import nan_forward
+from conftest import make_images as _make_images
 
 pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
 
@@ -45,14 +45,6 @@ SETS = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolut
 ARGS = ["--preset", "shapes", "--batch-size", "4", "--checkpoint-every", "3", "--max-steps", str(STEPS),
         *[a for s in SETS for a in ("--set", s)]]
 RECORD_KEYS = ("step", "loss", "grad_norm", "lr", "skipped")
-
-
-def _make_images(folder: Path, n: int = 16) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    g = torch.Generator().manual_seed(0)
-    for i in range(n):
-        save_png(folder / f"{i:02d}.png", (torch.rand(3, 8, 8, generator=g) * 255).to(torch.uint8))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -264,14 +256,6 @@ def test_kill_signal_and_damage_chain_is_bitwise_identical(world, tmp_path):
 
 
 # ---------------------------------------------------------------- in-process tests
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _spec(images: Path, steps: int, *extra: str, **train) -> S.RunSpec:
     return S.resolve("shapes", sets=[*SETS, *extra],
                      overrides={"data": {"source": str(images)},
