@@ -303,6 +303,14 @@ def test_eval_bpd_json_on_shapes(run_dir, cli):
     assert out["log"] == str(run_dir / "eval.jsonl")
 
 
+def test_eval_bpd_of_one_image_has_no_standard_error_and_is_logged(run_dir, cli):
+    """One image has no spread: the standard error is null (it was NaN, which eval.jsonl refused)."""
+    r = cli("eval", str(run_dir), "--data", "shapes", "--metric", "bpd", "--n", "1", "--stride", "10", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["metrics"]["bpd"]["sem"] is None
+    assert ev.read_eval_log(run_dir)[-1]["metrics"]["bpd"]["sem"] is None
+
+
 def test_eval_without_extra_names_the_install(run_dir, cli, tmp_path):
     shim = tmp_path / "shim" / "torch_fidelity"  # makes `import torch_fidelity` fail, installed or not
     shim.mkdir(parents=True)

@@ -74,7 +74,7 @@ class BpdResult:
     prior: float
     kl: float
     decoder: float
-    total_sem: float  # standard error of the mean of ``total`` over images
+    total_sem: float | None  # standard error of the mean of ``total`` over images (None for one image)
     n: int
     stride: int
     timesteps: int
@@ -156,7 +156,7 @@ def bits_per_dim(
         raise NonFiniteError(f"bits/dim: non-finite {', '.join(bad)} term(s); the checkpoint's weights are "
                              "probably broken (did training diverge?)")
     total = terms["total"]
-    sem = float(total.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("nan")
+    sem = float(total.std(unbiased=True) / math.sqrt(n)) if n > 1 else None  # JSON null: one image has no spread
     return BpdResult(total=float(total.mean()), prior=float(terms["prior"].mean()), kl=float(terms["kl"].mean()),
                      decoder=float(terms["decoder"].mean()), total_sem=sem, n=n, stride=stride,
                      timesteps=schedule.T, evaluated=calls)

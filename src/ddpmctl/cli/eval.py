@@ -20,7 +20,7 @@ def human_lines(record: dict) -> list[str]:
     if "bpd" in m:
         b = m["bpd"]
         t = b["terms"]
-        sem = f" ± {b['sem']:.4f}" if b["sem"] == b["sem"] else ""
+        sem = f" ± {b['sem']:.4f}" if b["sem"] is not None else ""
         how = "every t" if b["exact"] else (f"--stride {b['stride']}: {_n(b['network_evaluations_per_image'])} of "
                                             f"{_n(b['timesteps'])} t per image, stratified, noisier")
         lines.append(f"bits/dim {b['bits_per_dim']:.4f}{sem} (n={_n(b['n'])} {b['split']} images; "
