@@ -267,7 +267,7 @@ def score(args, run_dir: Path, net: SmallCNN, real: dict) -> dict:
     feats, probs = embed(net, u8)
     conf = probs.max(1)
     hist = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
-    row = {"parameters": sum(p.numel() for p in den.model.parameters()), "sampler": sampler, "steps": steps, "eta": eta, "network_evaluations": nfe, "n": len(u8),
+    row = {"parameters": sum(p.numel() for p in den.model.parameters()), "sampler": sampler, "sampler_steps": steps, "eta": eta, "network_evaluations": nfe, "n": len(u8),
            "sample_precision": precision.name, "sample_seconds": round(sample_s, 2),
            "fd": frechet_distance_from_features(feats, *real["stats"]),
            "confidence": float(conf.mean()), "confident_frac": float((conf > 0.9).mean()),
@@ -396,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                "classifier_test_accuracy": accuracy, "fd_real_floor": fd_floor,
                "real_test_n": len(test[0])}
         row.update(score(args, run_dir, net, real))
-        row["sampler_label"] = f"{row['sampler']} {row['steps']}" + (f" η={row['eta']:g}" if row["eta"] else "")
+        row["sampler_label"] = f"{row['sampler']} {row['sampler_steps']}" + (f" η={row['eta']:g}" if row["eta"] else "")
         if args.data == "shapes":
             row["shapes_stats_real"] = {k: v for k, v in summarise(test[0].numpy()).items() if k in SHAPES_STATS}
         with open(out / "results.jsonl", "a") as f:
