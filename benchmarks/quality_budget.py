@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import subprocess
@@ -272,7 +271,7 @@ def score(args, run_dir: Path, net: SmallCNN, real: dict) -> dict:
            "fd": frechet_distance_from_features(feats, *real["stats"]),
            "confidence": float(conf.mean()), "confident_frac": float((conf > 0.9).mean()),
            "class_tv": float(0.5 * np.abs(hist - real["hist"]).sum())}
-    if args.data == "shapes":
+    if args.data == "shapes" and u8.shape[1] == 3:  # the statistics are defined on RGB
         row["shapes_stats"] = {k: v for k, v in summarise(u8.numpy()).items() if k in SHAPES_STATS}
     return row
 
@@ -397,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                "real_test_n": len(test[0])}
         row.update(score(args, run_dir, net, real))
         row["sampler_label"] = f"{row['sampler']} {row['sampler_steps']}" + (f" η={row['eta']:g}" if row["eta"] else "")
-        if args.data == "shapes":
+        if "shapes_stats" in row:
             row["shapes_stats_real"] = {k: v for k, v in summarise(test[0].numpy()).items() if k in SHAPES_STATS}
         with open(out / "results.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
