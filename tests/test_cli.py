@@ -8,6 +8,8 @@ import torch
 from ddpmctl import __version__
 from ddpmctl.images import make_grid, read_image, save_png
 
+from conftest import run_main
+
 
 def test_version(cli):
     r = cli("--version")
@@ -34,6 +36,23 @@ def test_dry_run_readable(cli):
     r = cli("train", "shapes", "--dry-run", "--epochs", "3", "--max-steps", "10")  # too short to time (test_cost)
     assert r.returncode == 0
     assert '"epochs": 3' in r.stdout and "parameters:" in r.stdout
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("shapse", "unknown data source 'shapse' (did you mean shapes?)"),
+    ("./no-such-folder", "no such folder or archive"),
+])
+def test_dry_run_refuses_a_data_source_the_real_run_refuses(monkeypatch, capsys, tmp_path, source, needle):
+    dry = run_main(monkeypatch, capsys, "train", source, "--dry-run", "--json")
+    real = run_main(monkeypatch, capsys, "train", source, "--max-steps", "1", "--out", str(tmp_path / "r"))
+    assert dry[0] == real[0] == 2 and needle in dry[2] and dry[2] == real[2] and dry[1] == ""
+
+
+def test_dry_run_of_a_known_dataset_not_downloaded_yet_passes_offline(monkeypatch, capsys, tmp_path):
+    code, out, err = run_main(monkeypatch, capsys, "train", "cifar10", "--dry-run", "--json", "--max-steps", "5")
+    assert code == 0, err
+    assert json.loads(out)["spec"]["data"]["source"] == "cifar10"
+    assert not (tmp_path / "data-root").exists()  # nothing downloaded, not even a cache folder
 
 
 def test_bad_value_exit_2_names_field(cli):

@@ -193,6 +193,7 @@ def train(
 
     With --nproc N (or under torchrun) --batch-size is the global batch, split evenly over the ranks."""
     from ddpmctl import spec as specmod
+    from ddpmctl.data import check_source
     from ddpmctl.train import make_run_dir
 
     name, guessed = preset_for(data) if preset is None else (preset, False)
@@ -207,6 +208,7 @@ def train(
         "optim": {"lr": lr},
     }
     spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
+    check_source(spec.data.source, root=data_root)  # a typo fails here, dry run or not; nothing is downloaded
     if guessed and not dry_run and os.environ.get("RANK", "0") == "0":  # once per job under torchrun
         info(f"using preset {name} ({spec.model.image_size}x{spec.model.image_size}, "
              f"{spec.model.channels} channel(s)); choose another with --preset")
