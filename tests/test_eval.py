@@ -287,9 +287,10 @@ def run_dir(tmp_path_factory):
 
 
 def test_eval_bpd_json_on_shapes(run_dir, cli):
-    r = cli("eval", str(run_dir), "--data", "shapes", "--metric", "bpd", "--n", "4", "--stride", "10", "--json")
+    r = cli("eval", str(run_dir), "--data", "shapes", "--n", "4", "--stride", "10", "--json")  # default: bpd
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert set(out["metrics"]) == {"bpd"}  # what runs on a default install (no [eval] extra)
     b = out["metrics"]["bpd"]
     t = b["terms"]
     assert all(math.isfinite(v) for v in (b["bits_per_dim"], t["prior"], t["kl"], t["decoder"]))
