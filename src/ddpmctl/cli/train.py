@@ -163,7 +163,8 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help=f"Model/training preset: {', '.join(PRESETS)} "
                                                        "(default: named after DATA, else cifar10).")] = None,
     spec_file: Annotated[Optional[Path], typer.Option("--spec", help="TOML or JSON spec file (partial).")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="section.field=value (repeatable).")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.FIELD=VALUE",
+                                                                       help="Override one spec field (repeatable).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
