@@ -40,7 +40,9 @@ def test_dry_run_json_cifar10_parameter_count(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert abs(out["parameters"] - 35.7e6) / 35.7e6 < 0.03
-    assert out["spec"]["model"]["base_channels"] == 128 and out["device"].startswith("cpu")
+    assert out["spec"]["model"]["base_channels"] == 128
+    assert out["device"] == {"type": "cpu", "threads": out["device"]["threads"]} and out["device"]["threads"] >= 1
+    assert out["precision"] in ("fp32", "bf16") and out["spec"]["train"]["precision"] == "auto"  # resolved
     assert not (tmp_path / "runs").exists()  # wrote nothing
 
 

@@ -304,6 +304,17 @@ def test_eval_bpd_json_on_shapes(run_dir, cli):
     assert out["log"] == str(run_dir / "eval.jsonl")
 
 
+def test_eval_says_when_the_split_holds_fewer_images_than_n(run_dir, monkeypatch, capsys, tmp_path):
+    from conftest import make_images, run_main
+
+    folder = make_images(tmp_path / "three", n=3)
+    code, out, err = run_main(monkeypatch, capsys, "eval", str(run_dir), "--data", str(folder), "--split", "train",
+                              "--n", "1000", "--stride", "10", "--no-log", "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["bpd"]["n"] == 3
+    assert "--n 1,000: the train split holds 3 images, so bits/dim uses all 3" in err
+
+
 def test_eval_without_extra_names_the_install(run_dir, cli, tmp_path):
     shim = tmp_path / "shim" / "torch_fidelity"  # makes `import torch_fidelity` fail, installed or not
     shim.mkdir(parents=True)

@@ -142,6 +142,7 @@ def test_export_defaults_to_the_newest_run_and_refuses_a_nonempty_out(trained_ru
     r = cli("export")
     assert r.returncode == 2
     assert "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert "drawing samples.png" not in r.stderr  # refused before the work is announced
 
 
 def test_export_fp16_raw_weights_with_evaluation_numbers(trained_run, tmp_path):

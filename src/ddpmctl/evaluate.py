@@ -702,7 +702,11 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
     # ---- bits/dim on held-out images (fp32: the likelihood is sensitive to rounding)
     if "bpd" in metrics:
         split = opts.split or DEFAULT_SPLIT["bpd"]
-        held_out = _subset(images_of(split).images, opts.n, opts.seed)
+        available = images_of(split).images
+        held_out = _subset(available, opts.n, opts.seed)
+        if opts.n is not None and opts.n > held_out.shape[0]:
+            emit({"event": "warning", "message": f"--n {opts.n:,}: the {split} split holds {held_out.shape[0]:,} "
+                                                 f"images, so bits/dim uses all {held_out.shape[0]:,}"})
         res = bits_per_dim(model_fn_for(den.model, None, device), Schedule.create(spec.diffusion.schedule, T),
                            held_out, prediction=spec.diffusion.prediction, device=device, stride=opts.stride,
                            batch_size=opts.batch_size, seed=opts.seed, on_event=on_event)

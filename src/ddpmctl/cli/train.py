@@ -256,14 +256,16 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
     the device is refused here as the real run would refuse it (exit 2), assuming the data has
     batch_size images."""
     from ddpmctl.cli.progress import describe_estimate
-    from ddpmctl.devices import choose_device, choose_precision, describe
+    from ddpmctl.devices import choose_device, choose_precision, describe, device_info
     from ddpmctl.memory import check_fits, human
 
     dev = choose_device(spec.train.device)
-    mem = check_fits(spec, dev, choose_precision(spec.train.precision, dev).name)
+    precision = choose_precision(spec.train.precision, dev).name  # "auto" resolved for this device
+    mem = check_fits(spec, dev, precision)
     n = mem.parameters
     estimate, why_not = run_estimate(spec, data_root)
-    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev),
+    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": device_info(dev),
+              "precision": precision,
               "memory": mem.to_dict(), "estimate": estimate, **({"estimate_skipped": why_not} if why_not else {})}
     if as_json:
         print_json(report)
@@ -272,7 +274,7 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
 
     print(json.dumps(report["spec"], indent=2))
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
-    print(f"device: {report['device']}")
+    print(f"device: {describe(dev)}, precision {precision}")
     print(f"memory: at least {human(mem.total_bytes)} ({human(mem.parameter_bytes)} for parameters, gradients, "
           f"AdamW and EMA; {human(mem.activation_bytes)} of activations at batch {mem.batch}, {mem.precision})")
     print(describe_estimate(estimate, dev.type) if estimate else f"no time estimate: {why_not}")
