@@ -131,3 +131,17 @@ def test_grid_of_empty_folder_exit_2(cli, tmp_path):
     (tmp_path / "empty").mkdir()
     r = cli("grid", "empty", "--out", "g.png")
     assert r.returncode == 2 and "no .png" in r.stderr
+
+
+def test_the_pipx_packages_of_each_extra_are_those_of_pyproject():
+    """The install hints name the packages pyproject.toml's extras hold (gradio_client comes with gradio)."""
+    import tomllib
+    from pathlib import Path
+
+    from ddpmctl.extras import PIPX_PACKAGES, install_hint
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for extra, packages in PIPX_PACKAGES.items():
+        assert [p for p in extras[extra] if not p.startswith("gradio_client")] == list(packages)
+        assert install_hint(extra).startswith(f"pip install '.[{extra}]'")

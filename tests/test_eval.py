@@ -6,6 +6,7 @@ and the CLI on a tiny trained shapes run."""
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (iss
 
 TINY = ["--set", "model.base_channels=16", "--set", "model.groups=8", "--set", "model.head_channels=16",
         "--set", "model.time_embed_dim=32", "--set", "sample.grid_size=4", "--set", "sample.steps=3"]
-NEEDS_EXTRA = "needs the optional 'eval' extra (pip install 'ddpmctl[eval]'): torch-fidelity's Inception-v3"
+NEEDS_EXTRA = "needs the optional 'eval' extra (pip install '.[eval]'): torch-fidelity's Inception-v3"
 
 
 def _random_psd(d: int, rng: np.random.Generator) -> np.ndarray:
@@ -319,9 +320,10 @@ def test_eval_without_extra_names_the_install(run_dir, cli, tmp_path):
     shim = tmp_path / "shim" / "torch_fidelity"  # makes `import torch_fidelity` fail, installed or not
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError(\"No module named 'torch_fidelity'\")\n")
-    r = cli("eval", str(run_dir), "--metric", "fid", "--n", "4", env={"PYTHONPATH": str(tmp_path / "shim")})
+    r = cli("eval", str(run_dir), "--metric", "fid", "--n", "4", env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 2, r.stderr
-    assert "pip install 'ddpmctl[eval]'" in r.stderr and "Traceback" not in r.stderr
+    assert "pip install '.[eval]'" in r.stderr and "pipx inject ddpmctl 'torch-fidelity" in r.stderr
+    assert "Traceback" not in r.stderr
     assert r.stdout == ""
 
 

@@ -54,7 +54,7 @@ def eval_cmd(
         help="Split to use (default: test for bpd, train for fid/kid, as in Ho et al.).")] = None,
     metric: Annotated[str, typer.Option(help="Comma-separated: bpd, fid, kid. bpd runs on every install; fid and "
                                              "kid need the optional [eval] extra (torch-fidelity's Inception-v3; "
-                                             "with pipx: pipx inject ddpmctl torch-fidelity).")] = "bpd",
+                                             "pip install '.[eval]', or with pipx: pipx inject ddpmctl torch-fidelity).")] = "bpd",
     n: Annotated[Optional[int], typer.Option("--n", min=1, help="bpd: held-out images (default: the whole split); "
                                                                 "fid/kid: generated samples (default 50,000).")]
     = None,

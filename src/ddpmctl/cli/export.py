@@ -32,7 +32,7 @@ def export(
     dtype: Annotated[Dtype, typer.Option(help="Weight dtype in model.safetensors.")] = "fp32",
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the raw weights instead of the EMA.")] = False,
     format: Annotated[Format, typer.Option("--format", help="onnx: also write model.onnx (the denoiser, checked "
-                                                            "with onnxruntime; pip install 'ddpmctl[onnx]').")]
+                                                            "with onnxruntime; needs the optional [onnx] extra: pip install '.[onnx]').")]
     = "safetensors",
     license: Annotated[str, typer.Option(help="License in the model card's front matter.")] = "mit",
     device: DeviceOpt = None,
