@@ -55,6 +55,7 @@ def test_dry_run_readable(cli):
 @pytest.mark.parametrize("source,needle", [
     ("shapse", "unknown data source 'shapse' (did you mean shapes?)"),
     ("./no-such-folder", "no such folder or archive"),
+    ("https://example.invalid/pics.zip", "is not prepared under"),  # no #sha256=: never downloaded by a run
 ])
 def test_dry_run_refuses_a_data_source_the_real_run_refuses(monkeypatch, capsys, tmp_path, source, needle):
     dry = run_main(monkeypatch, capsys, "train", source, "--dry-run", "--json")
