@@ -40,7 +40,7 @@ def human_lines(record: dict) -> list[str]:
     return lines
 
 
-@app.command("eval", epilog="Examples:\n\n  ddpmctl eval runs/shapes-20261126-101500 --metric bpd\n\n"
+@app.command("eval", epilog="Examples:\n\n  ddpmctl eval runs/shapes-20261126-101500   (bits/dim, the default)\n\n"
                             "  ddpmctl eval runs/cifar --data cifar10 --metric fid,kid --n 50000 --sampler ddim "
                             "--steps 50\n\n"
                             "  ddpmctl eval runs/x --metric bpd --stride 10 --n 1000 --json\n\n"
