@@ -62,6 +62,35 @@ def test_bench_human_output_and_only(cli):
     assert "training " not in r.stdout  # --only sample skips training
 
 
+@pytest.mark.parametrize("tflops, shown", [(0.0213, "21.3 GFLOP/s"), (0.000456, "0.456 GFLOP/s"),
+                                           (0.5, "500 GFLOP/s"), (1.0, "1.00 TFLOP/s"), (12.34, "12.3 TFLOP/s"),
+                                           (987.6, "988 TFLOP/s"), (None, "n/a")])
+def test_flop_rates_keep_three_significant_digits(tflops, shown):
+    from ddpmctl.cli.bench import flop_rate
+
+    assert flop_rate(tflops) == shown
+
+
+def test_a_cpu_bench_report_shows_a_rate_that_agrees_with_its_utilisation():
+    """0.02 TFLOP/s against a 0.5 TFLOP/s peak is 4 %: the line must not read "0.0 TFLOP/s, 4.0%"."""
+    import re
+
+    from ddpmctl.cli.bench import report_lines
+
+    r = {"device_name": "cpu", "torch": "2", "precision": "fp32", "compile": False, "preset": "shapes",
+         "parameters": 1e6, "flops_per_image_train": 3e7, "flops_per_image_forward": 1e7,
+         "train_images_per_s": 666.7, "batch_size": 16, "train_step_ms": 24.0, "achieved_tflops": 0.02,
+         "mfu": 0.04, "peak_memory_bytes": None, "peak_memory_kind": "n/a", "sample_ms_per_step": None,
+         "matmul_peak_tflops": 0.5, "peak_dtype": "float32"}
+    lines = report_lines(r)
+    train = next(x for x in lines if x.startswith("training"))
+    rate = float(re.search(r"([\d.]+) GFLOP/s", train).group(1))
+    util = float(re.search(r"utilisation ([\d.]+)%", train).group(1))
+    peak = float(re.search(r"([\d.]+) GFLOP/s", next(x for x in lines if x.startswith("matmul"))).group(1))
+    assert rate == 20.0 and peak == 500.0 and util == pytest.approx(100 * rate / peak)
+    assert "0.0300 GFLOP train" in lines[2]  # 3e7 FLOPs: not "0.0 GFLOP"
+
+
 @pytest.mark.parametrize("args, message", [(["--preset", "nope"], "unknown preset 'nope'"),
                                            (["--only", "both"], "--only expects 'train' or 'sample'")])
 def test_bench_usage_errors_exit_2(cli, args, message):

@@ -8,17 +8,31 @@ import torch
 from ddpmctl import __version__
 from ddpmctl.images import make_grid, read_image, save_png
 
+from conftest import run_main
+
 
 def test_version(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"ddpmctl {__version__}"
 
 
-@pytest.mark.parametrize("cmd", ["train", "resume", "sample", "grid"])
-def test_every_subcommand_has_help_with_example(cli, cmd):
-    r = cli(cmd, "--help")
-    assert r.returncode == 0, r.stderr
-    assert "Examples" in r.stdout and f"ddpmctl {cmd}" in r.stdout
+def test_every_help_has_examples_plain_placeholders_and_literal_brackets(monkeypatch, capsys):
+    """Each --help (in process): examples; no typer <bool> on flags, no {data} usage placeholder,
+    no <list[str]>; and rich markup does not eat the brackets of an extra such as '[onnx]'."""
+    from ddpmctl.cli import COMMANDS
+
+    monkeypatch.setenv("COLUMNS", "160")
+    pages = {}
+    for cmd in ["", *(c.replace("_", "-") for c in COMMANDS)]:
+        code, out, err = run_main(monkeypatch, capsys, *([cmd] if cmd else []), "--help")
+        assert code == 0, err
+        pages[cmd] = out
+        assert "Examples" in out and f"ddpmctl {cmd}".strip() in out.split("Examples", 1)[1], cmd
+        assert "<bool>" not in out and "list[" not in out, cmd
+        assert "{" not in out and "}" not in out, cmd
+    assert "Usage:" in pages["train"] and "[OPTIONS] DATA" in pages["train"]
+    assert "--set" in pages["train"] and "SECTION.FIELD=VALUE" in pages["train"]
+    assert "[onnx]" in pages["export"] and "[eval]" in pages["eval"] and "[demo]" in pages["demo"]
 
 
 def test_dry_run_json_cifar10_parameter_count(cli, tmp_path):
@@ -26,7 +40,9 @@ def test_dry_run_json_cifar10_parameter_count(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert abs(out["parameters"] - 35.7e6) / 35.7e6 < 0.03
-    assert out["spec"]["model"]["base_channels"] == 128 and out["device"].startswith("cpu")
+    assert out["spec"]["model"]["base_channels"] == 128
+    assert out["device"] == {"type": "cpu", "threads": out["device"]["threads"]} and out["device"]["threads"] >= 1
+    assert out["precision"] in ("fp32", "bf16") and out["spec"]["train"]["precision"] == "auto"  # resolved
     assert not (tmp_path / "runs").exists()  # wrote nothing
 
 
@@ -34,6 +50,24 @@ def test_dry_run_readable(cli):
     r = cli("train", "shapes", "--dry-run", "--epochs", "3", "--max-steps", "10")  # too short to time (test_cost)
     assert r.returncode == 0
     assert '"epochs": 3' in r.stdout and "parameters:" in r.stdout
+
+
+@pytest.mark.parametrize("source,needle", [
+    ("shapse", "unknown data source 'shapse' (did you mean shapes?)"),
+    ("./no-such-folder", "no such folder or archive"),
+    ("https://example.invalid/pics.zip", "is not prepared under"),  # no #sha256=: never downloaded by a run
+])
+def test_dry_run_refuses_a_data_source_the_real_run_refuses(monkeypatch, capsys, tmp_path, source, needle):
+    dry = run_main(monkeypatch, capsys, "train", source, "--dry-run", "--json")
+    real = run_main(monkeypatch, capsys, "train", source, "--max-steps", "1", "--out", str(tmp_path / "r"))
+    assert dry[0] == real[0] == 2 and needle in dry[2] and dry[2] == real[2] and dry[1] == ""
+
+
+def test_dry_run_of_a_known_dataset_not_downloaded_yet_passes_offline(monkeypatch, capsys, tmp_path):
+    code, out, err = run_main(monkeypatch, capsys, "train", "cifar10", "--dry-run", "--json", "--max-steps", "5")
+    assert code == 0, err
+    assert json.loads(out)["spec"]["data"]["source"] == "cifar10"
+    assert not (tmp_path / "data-root").exists()  # nothing downloaded, not even a cache folder
 
 
 def test_bad_value_exit_2_names_field(cli):
@@ -98,3 +132,17 @@ def test_grid_of_empty_folder_exit_2(cli, tmp_path):
     (tmp_path / "empty").mkdir()
     r = cli("grid", "empty", "--out", "g.png")
     assert r.returncode == 2 and "no .png" in r.stderr
+
+
+def test_the_pipx_packages_of_each_extra_are_those_of_pyproject():
+    """The install hints name the packages pyproject.toml's extras hold (gradio_client comes with gradio)."""
+    import tomllib
+    from pathlib import Path
+
+    from ddpmctl.extras import PIPX_PACKAGES, install_hint
+
+    extras = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    for extra, packages in PIPX_PACKAGES.items():
+        assert [p for p in extras[extra] if not p.startswith("gradio_client")] == list(packages)
+        assert install_hint(extra).startswith(f"pip install '.[{extra}]'")

@@ -75,7 +75,8 @@ def test_without_the_extra_exit_1_with_the_install_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails as if it were not installed
     code, out, err = run_main(monkeypatch, capsys, "demo", "no-such-run")
     assert code == 1 and out == ""
-    assert "pip install 'ddpmctl[demo]'" in err and "no-such-run" not in err  # checked before the source
+    assert "pip install '.[demo]'" in err and "pipx inject ddpmctl 'gradio>=6,<7')" in err
+    assert "no-such-run" not in err  # checked before the source
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ and the CLI on a tiny trained shapes run."""
 from __future__ import annotations
 
 import json
+import os
 import math
 from pathlib import Path
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (iss
 
 TINY = ["--set", "model.base_channels=16", "--set", "model.groups=8", "--set", "model.head_channels=16",
         "--set", "model.time_embed_dim=32", "--set", "sample.grid_size=4", "--set", "sample.steps=3"]
-NEEDS_EXTRA = "needs the optional 'eval' extra (pip install 'ddpmctl[eval]'): torch-fidelity's Inception-v3"
+NEEDS_EXTRA = "needs the optional 'eval' extra (pip install '.[eval]'): torch-fidelity's Inception-v3"
 
 
 def _random_psd(d: int, rng: np.random.Generator) -> np.ndarray:
@@ -287,9 +288,10 @@ def run_dir(tmp_path_factory):
 
 
 def test_eval_bpd_json_on_shapes(run_dir, cli):
-    r = cli("eval", str(run_dir), "--data", "shapes", "--metric", "bpd", "--n", "4", "--stride", "10", "--json")
+    r = cli("eval", str(run_dir), "--data", "shapes", "--n", "4", "--stride", "10", "--json")  # default: bpd
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
+    assert set(out["metrics"]) == {"bpd"}  # what runs on a default install (no [eval] extra)
     b = out["metrics"]["bpd"]
     t = b["terms"]
     assert all(math.isfinite(v) for v in (b["bits_per_dim"], t["prior"], t["kl"], t["decoder"]))
@@ -311,13 +313,25 @@ def test_eval_bpd_of_one_image_has_no_standard_error_and_is_logged(run_dir, cli)
     assert ev.read_eval_log(run_dir)[-1]["metrics"]["bpd"]["sem"] is None
 
 
+def test_eval_says_when_the_split_holds_fewer_images_than_n(run_dir, monkeypatch, capsys, tmp_path):
+    from conftest import make_images, run_main
+
+    folder = make_images(tmp_path / "three", n=3)
+    code, out, err = run_main(monkeypatch, capsys, "eval", str(run_dir), "--data", str(folder), "--split", "train",
+                              "--n", "1000", "--stride", "10", "--no-log", "--json")
+    assert code == 0, err
+    assert json.loads(out)["metrics"]["bpd"]["n"] == 3
+    assert "--n 1,000: the train split holds 3 images, so bits/dim uses all 3" in err
+
+
 def test_eval_without_extra_names_the_install(run_dir, cli, tmp_path):
     shim = tmp_path / "shim" / "torch_fidelity"  # makes `import torch_fidelity` fail, installed or not
     shim.mkdir(parents=True)
     (shim / "__init__.py").write_text("raise ImportError(\"No module named 'torch_fidelity'\")\n")
-    r = cli("eval", str(run_dir), "--metric", "fid", "--n", "4", env={"PYTHONPATH": str(tmp_path / "shim")})
+    r = cli("eval", str(run_dir), "--metric", "fid", "--n", "4", env={"PYTHONPATH": os.pathsep.join([str(tmp_path / "shim"), os.environ.get("PYTHONPATH", "")])})
     assert r.returncode == 2, r.stderr
-    assert "pip install 'ddpmctl[eval]'" in r.stderr and "Traceback" not in r.stderr
+    assert "pip install '.[eval]'" in r.stderr and "pipx inject ddpmctl 'torch-fidelity" in r.stderr
+    assert "Traceback" not in r.stderr
     assert r.stdout == ""
 
 

@@ -107,6 +107,7 @@ def test_model_card_front_matter_and_body(trained_run):
         assert fact in text, fact
     assert "## Evaluation" not in text  # no eval.jsonl in this run
     assert "ddpmctl sample runs/tiny/export --n 16 --sampler ddim --steps 2 --seed 0" in text
+    assert "pipx install ." in text and "pypi.org" not in text and "pip install ddpmctl" not in text  # not on PyPI
 
 
 def test_round_trip_folder_samples_like_the_run_and_reproduces_the_card_grid(trained_run, cli, tmp_path):
@@ -142,6 +143,7 @@ def test_export_defaults_to_the_newest_run_and_refuses_a_nonempty_out(trained_ru
     r = cli("export")
     assert r.returncode == 2
     assert "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    assert "drawing samples.png" not in r.stderr  # refused before the work is announced
 
 
 def test_export_fp16_raw_weights_with_evaluation_numbers(trained_run, tmp_path):
@@ -272,14 +274,14 @@ def test_onnx_missing_packages_say_how_to_install(trained_run, tmp_path, monkeyp
     from ddpmctl.export import export_model_folder
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
-    with pytest.raises(UsageError, match=r"pip install 'ddpmctl\[onnx\]'"):
+    with pytest.raises(UsageError, match=r"pip install '\.\[onnx\]'.*pipx inject ddpmctl 'onnx>=1\.16'"):
         export_model_folder(trained_run, tmp_path / "m", onnx=True)
     assert not (tmp_path / "m").exists()
 
 
 def test_onnx_export_matches_pytorch_with_a_dynamic_batch(trained_run, tmp_path):
-    pytest.importorskip("onnx", reason="optional extra: pip install 'ddpmctl[onnx]'")
-    ort = pytest.importorskip("onnxruntime", reason="optional extra: pip install 'ddpmctl[onnx]'")
+    pytest.importorskip("onnx", reason="optional extra: pip install '.[onnx]'")
+    ort = pytest.importorskip("onnxruntime", reason="optional extra: pip install '.[onnx]'")
     from ddpmctl.export import export_model_folder
     from ddpmctl.modelfolder import load_model_folder
     from ddpmctl.onnxexport import ONNX_ATOL

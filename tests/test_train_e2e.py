@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpmctl import spec as S
-from ddpmctl.images import read_image, save_png
+from ddpmctl.images import make_grid, read_image, save_png
 from ddpmctl.train import run
 
 pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
@@ -154,7 +154,11 @@ def test_grid_evolution_and_trajectory(trained, cli, tmp_path):
     evo = read_image(tmp_path / "evo.png")
     index = json.loads((base / "runs" / "tiny" / "samples" / "index.json").read_text())
     cols = len(index["grids"])
-    assert evo.shape[2] == cols * 34 + 2 and evo.shape[1] == 2 * 34 + 2  # 32px images, 2px padding
+    strip = evo.shape[1] - (2 * 34 + 2)  # 32px images, 2px padding, under a strip of epoch labels
+    assert evo.shape[2] == cols * 34 + 2 and 8 <= strip <= 40
+    assert (evo[:, :strip] < 128).any() and (evo[:, strip:strip + 2] == 255).all()  # labels drawn, grid below
+    r = cli("grid", src, "--out", "plain.png", env=env)  # no flag: a run holds no images of its own
+    assert r.returncode == 2 and "is a run directory: add --evolution" in r.stderr and "--trajectory" in r.stderr
     r = cli("grid", src, "--trajectory", "--n", "2", "--frames", "4", "--steps", "6", "--out", "traj.png",
             "--gif", "traj.gif", env=env)
     assert r.returncode == 0, r.stderr
@@ -164,6 +168,20 @@ def test_grid_evolution_and_trajectory(trained, cli, tmp_path):
 
     with Image.open(tmp_path / "traj.gif") as g:
         assert g.n_frames > 2
+
+
+def test_column_labels_add_a_strip_with_a_label_over_each_column_and_keep_the_grid():
+    from ddpmctl.images import label_columns
+
+    grid = make_grid(torch.full((6, 3, 16, 16), 90, dtype=torch.uint8), nrow=3)
+    out = label_columns(grid, ["1", "2", "10"], 16)
+    strip = out.shape[1] - grid.shape[1]
+    assert strip > 0 and out.shape[2] == grid.shape[2] and torch.equal(out[:, strip:], grid)
+    for col in range(3):  # ink over each column's cell
+        x = 2 + col * 18
+        assert (out[:, :strip, x:x + 16] < 128).any()
+    wide = label_columns(grid, ["1000000", "2000000", "3000000"], 16)  # too wide: not all labelled, no overlap
+    assert wide.shape == out.shape and (wide[:, :strip] < 128).any()
 
 
 def test_training_learns(tmp_path):

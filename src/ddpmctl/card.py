@@ -75,14 +75,15 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"# {title}",
         "",
         f"An unconditional {size}×{size} {'RGB' if ch == 3 else 'grayscale'} image model: a denoising diffusion "
-        "probabilistic model (Ho et al. 2020) trained with [ddpmctl](https://pypi.org/project/ddpmctl/).",
+        f"probabilistic model (Ho et al. 2020) trained with ddpmctl {config['ddpmctl_version']}, a command-line "
+        "tool that is installed from its source repository (it is not on PyPI yet).",
         "",
         f"![{g['n']} samples]({g['file']})",
         "",
         "## Use it",
         "",
         "```bash",
-        "pip install ddpmctl",
+        "pipx install .        # in a checkout of the ddpmctl repository; or: pip install .",
         cmd,
         f"ddpmctl grid samples/ --out {g['file']}",
         "```",

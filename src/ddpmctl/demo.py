@@ -31,13 +31,13 @@ import torch
 from ddpmctl.devices import Precision, describe
 from ddpmctl.errors import DdpmctlError
 from ddpmctl.generate import generate, run_defaults
+from ddpmctl.extras import install_hint
 from ddpmctl.modelfolder import Denoiser
 from ddpmctl.images import png_bytes, to_uint8
 from ddpmctl.sampler_registry import SAMPLERS, get_sampler
 
-EXTRA_INSTALL = "pip install 'ddpmctl[demo]'"
-EXTRA_HINT = (f"ddpmctl demo needs the optional 'demo' extra (gradio): {EXTRA_INSTALL} "
-              "(with pipx: pipx inject ddpmctl 'gradio>=6,<7' 'gradio_client>=2,<3')")
+EXTRA_INSTALL = install_hint("demo")
+EXTRA_HINT = f"ddpmctl demo needs the optional 'demo' extra (gradio): {EXTRA_INSTALL}"
 
 DEFAULT_MAX_WORK = 4000  # images × steps per request: 16 images × 250 steps, or 4 images of full DDPM
 DEFAULT_MAX_IMAGES = 16

@@ -50,6 +50,17 @@ def describe(device: torch.device) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
+def device_info(device: torch.device) -> dict:
+    """The device as JSON: {"type": "cpu", "threads": 2}, {"type": "cuda", "index": 0, "name": ...},
+    {"type": "mps"}."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return {"type": "cuda", "index": index, "name": torch.cuda.get_device_name(index)}
+    if device.type == "cpu":
+        return {"type": "cpu", "threads": torch.get_num_threads()}
+    return {"type": device.type}
+
+
 @dataclass(frozen=True)
 class Precision:
     name: str  # fp32 | bf16 | fp16

@@ -42,6 +42,7 @@ from ddpmctl.data._events import Progress, emitter
 from ddpmctl.data.loader import to_unit_range
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, calc_bpd_loop
 from ddpmctl.errors import DataError, DdpmctlError, NonFiniteError, UsageError
+from ddpmctl.extras import install_hint
 from ddpmctl.safefile import atomic_write
 from ddpmctl.smallfiles import read_jsonl
 from ddpmctl.writes import WriteError, append_bytes
@@ -51,9 +52,9 @@ Event = Callable[[dict], None]
 METRICS = ("bpd", "fid", "kid")
 FID_UNBIASED_N = 50_000  # FID from fewer samples is biased upward (Bińkowski et al. 2018, sec. 3)
 FEATURE_DIM = 2048
-EXTRA_INSTALL = "pip install 'ddpmctl[eval]'"
-EXTRA_HINT = (f"FID and KID need the optional 'eval' extra (torch-fidelity's Inception-v3): {EXTRA_INSTALL} "
-              "(with pipx: pipx inject ddpmctl torch-fidelity); --metric bpd works without it")
+EXTRA_INSTALL = install_hint("eval")
+EXTRA_HINT = (f"FID and KID need the optional 'eval' extra (torch-fidelity's Inception-v3): {EXTRA_INSTALL}; "
+              "--metric bpd works without it")
 STATS_FORMAT = "ddpmctl-inception-stats/1"
 EVAL_LOG = "eval.jsonl"
 # Default split per metric: the likelihood is measured on held-out images (Ho et al., table 2), FID
@@ -702,7 +703,11 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
     # ---- bits/dim on held-out images (fp32: the likelihood is sensitive to rounding)
     if "bpd" in metrics:
         split = opts.split or DEFAULT_SPLIT["bpd"]
-        held_out = _subset(images_of(split).images, opts.n, opts.seed)
+        available = images_of(split).images
+        held_out = _subset(available, opts.n, opts.seed)
+        if opts.n is not None and opts.n > held_out.shape[0]:
+            emit({"event": "warning", "message": f"--n {opts.n:,}: the {split} split holds {held_out.shape[0]:,} "
+                                                 f"images, so bits/dim uses all {held_out.shape[0]:,}"})
         res = bits_per_dim(model_fn_for(den.model, None, device), Schedule.create(spec.diffusion.schedule, T),
                            held_out, prediction=spec.diffusion.prediction, device=device, stride=opts.stride,
                            batch_size=opts.batch_size, seed=opts.seed, on_event=on_event)

@@ -51,6 +51,33 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, p
     return grid
 
 
+def label_columns(grid: torch.Tensor, labels: Sequence[str], cell: int, padding: int = 2) -> torch.Tensor:
+    """``grid`` (a :func:`make_grid` of ``cell``-pixel images, ``padding`` apart) with a white strip on
+    top holding ``labels[i]`` in black, centred over column ``i`` (PIL's default font). Where labels
+    are wider than a column, only every k-th column is labelled so that none overlap; the grid itself
+    is unchanged below the strip."""
+    import numpy as np
+    from PIL import ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    c, _, w = grid.shape
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    top, bottom = measure.textbbox((0, 0), "0123456789", font=font)[1::2]
+    strip = Image.new("L", (w, bottom - top + 2 * padding), 255)
+    draw = ImageDraw.Draw(strip)
+    boxes = [measure.textbbox((0, 0), str(t), font=font) for t in labels]
+    pitch = cell + padding
+    every = max(1, math.ceil((max((b[2] - b[0] for b in boxes), default=0) + padding) / pitch))
+    for i, (text, box) in enumerate(zip(labels, boxes)):
+        if i % every:
+            continue
+        width = box[2] - box[0]
+        x = min(max(0, padding + i * pitch + (cell - width) // 2), max(0, w - width))
+        draw.text((x - box[0], padding - top), str(text), fill=0, font=font)
+    band = torch.from_numpy(np.asarray(strip).copy())[None].expand(c, -1, -1)
+    return torch.cat([band, grid], dim=1).contiguous()
+
+
 def split_grid(grid: torch.Tensor, n: int, nrow: int, size: int, padding: int = 2) -> torch.Tensor:
     """Inverse of make_grid for square images of `size`: uint8 (n, C, size, size)."""
     out = []

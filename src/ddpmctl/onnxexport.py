@@ -1,7 +1,7 @@
 """ONNX export of a model folder's denoiser, and the check that onnxruntime agrees with PyTorch.
 
 The file takes x_t float32 (N, C, H, W) and t int64 (N,) and returns the network's prediction,
-float32, with a dynamic batch axis. onnx and onnxruntime are optional (``pip install 'ddpmctl[onnx]'``).
+float32, with a dynamic batch axis. onnx and onnxruntime are optional (:func:`ddpmctl.extras.install_hint`).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from ddpmctl.errors import DdpmctlError, UsageError
+from ddpmctl.extras import install_hint
 from ddpmctl.spec import RunSpec
 
 ONNX_ATOL = 1e-3  # max |onnxruntime - PyTorch| accepted, relative to max(1, max |PyTorch|)
@@ -24,7 +25,7 @@ def require_onnx() -> None:
         except ImportError:
             missing.append(mod)
     if missing:
-        raise UsageError(f"--format onnx needs {' and '.join(missing)}: pip install 'ddpmctl[onnx]'")
+        raise UsageError(f"--format onnx needs {' and '.join(missing)}: {install_hint('onnx')}")
 
 
 def onnx_opset(path: Path) -> int | None:

@@ -14,8 +14,25 @@ def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
 
-def _fmt(x: float | None, spec: str, unit: str = "") -> str:
-    return "n/a" if x is None else f"{x:{spec}}{unit}"
+def sig3(x: float) -> str:
+    """``x`` with 3 significant digits and no exponent: 4.00, 0.0123, 123, 1234."""
+    import math
+
+    if x == 0 or not math.isfinite(x):
+        return f"{x:g}"
+    return f"{x:.{max(0, 2 - math.floor(math.log10(abs(x))))}f}"
+
+
+def flop_rate(tflops: float | None) -> str:
+    """A FLOP rate to 3 significant digits: TFLOP/s from 1 TFLOP/s up, GFLOP/s below (a CPU's
+    0.02 TFLOP/s reads 20.0 GFLOP/s, never 0.0 TFLOP/s next to a non-zero utilisation)."""
+    if tflops is None:
+        return "n/a"
+    return f"{sig3(tflops)} TFLOP/s" if tflops >= 1 else f"{sig3(tflops * 1e3)} GFLOP/s"
+
+
+def percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{sig3(100 * fraction)}%"
 
 
 @app.command(epilog="Examples:\n\n  ddpmctl bench\n\n  ddpmctl bench --preset celeba --batch-size 64 --json\n\n"
@@ -65,27 +82,32 @@ def bench(
     if as_json:
         print_json(r)
         return
+    print("\n".join(report_lines(r)))
+
+
+def report_lines(r: dict) -> list[str]:
+    """The readable report of :func:`ddpmctl.bench.run`'s result."""
     gf = 1e-9
     lines = [
         f"device            {r['device_name']}  (torch {r['torch']}, {r['precision']}, "
         f"compile {'on' if r['compile'] else 'off'})",
         f"preset            {r['preset']}  ({r['parameters'] / 1e6:.1f}M parameters)",
-        f"FLOPs per image   {r['flops_per_image_train'] * gf:.1f} GFLOP train (fwd+bwd), "
-        f"{r['flops_per_image_forward'] * gf:.1f} GFLOP forward",
+        f"FLOPs per image   {sig3(r['flops_per_image_train'] * gf)} GFLOP train (fwd+bwd), "
+        f"{sig3(r['flops_per_image_forward'] * gf)} GFLOP forward",
     ]
     if r["train_images_per_s"] is not None:
         lines += [
             f"training          {r['train_images_per_s']:.1f} images/s at batch {r['batch_size']} "
-            f"({r['train_step_ms']:.1f} ms/step), {_fmt(r['achieved_tflops'], '.1f', ' TFLOP/s')}, "
-            f"utilisation {_fmt(None if r['mfu'] is None else 100 * r['mfu'], '.1f', '%')}",
+            f"({r['train_step_ms']:.1f} ms/step), {flop_rate(r['achieved_tflops'])}, "
+            f"utilisation {percent(r['mfu'])}",
             f"peak memory       {_fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})",
         ]
     if r["sample_ms_per_step"] is not None:
         lines += [
             f"sampling          {r['sample_ms_per_step']:.2f} ms per step at batch {r['sample_batch_size']}: "
             f"{r['sample_images_per_s_1000_steps']:.2f} images/s for 1000-step DDPM, "
-            f"utilisation {_fmt(None if r['sample_mfu'] is None else 100 * r['sample_mfu'], '.1f', '%')}",
+            f"{flop_rate(r.get('sample_achieved_tflops'))}, utilisation {percent(r['sample_mfu'])}",
         ]
     if r["matmul_peak_tflops"] is not None:
-        lines.append(f"matmul peak       {r['matmul_peak_tflops']:.1f} TFLOP/s ({r['peak_dtype']}, measured)")
-    print("\n".join(lines))
+        lines.append(f"matmul peak       {flop_rate(r['matmul_peak_tflops'])} ({r['peak_dtype']}, measured)")
+    return lines

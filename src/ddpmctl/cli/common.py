@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 from ddpmctl import __version__
 from ddpmctl.sampler_registry import SamplerName, sampler_help
@@ -25,9 +26,79 @@ def _version(value: bool) -> None:
         raise typer.Exit(0)
 
 
-app = typer.Typer(
+class _PlainHelp:
+    """What every command's --help shows, fixed in one place: help texts are literal (rich markup is
+    escaped, so ``pip install '.[onnx]'`` keeps its brackets), flags show no ``<bool>``, and the usage
+    line names arguments in capitals (``DATA``, ``[SOURCE]``), not ``{data}``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        from rich.markup import escape
+
+        super().__init__(*args, **kwargs)
+        for attr in ("help", "epilog", "short_help"):
+            if getattr(self, attr, None):
+                setattr(self, attr, escape(getattr(self, attr)))
+        for param in self.params:
+            if getattr(param, "help", None):
+                param.help = escape(param.help)
+            if isinstance(param, TyperArgument) and param.metavar is None:
+                param.metavar = param.name.upper()
+            _no_bool(param)
+
+    def get_help_option(self, ctx):  # created lazily by click
+        option = super().get_help_option(ctx)
+        if option is not None:
+            _no_bool(option)
+        return option
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if isinstance(param, TyperArgument):
+                name = param.metavar or param.name.upper()
+                pieces.append((name if param.required else f"[{name}]") + ("..." if param.nargs != 1 else ""))
+            else:
+                pieces.extend(param.get_usage_pieces(ctx))
+        if hasattr(self, "subcommand_metavar"):
+            pieces.append(self.subcommand_metavar)
+        return pieces
+
+
+def _no_bool(param) -> None:
+    if getattr(param, "is_flag", False) and param.metavar is None:
+        param.metavar = ""  # typer's rich help would print <bool> for a flag
+
+
+class Command(_PlainHelp, TyperCommand):
+    pass
+
+
+class Group(_PlainHelp, TyperGroup):
+    pass
+
+
+class App(typer.Typer):
+    """Every command made with ``app.command`` is a :class:`Command`."""
+
+    def command(self, *args: Any, cls: Any = None, **kwargs: Any):
+        return super().command(*args, cls=cls or Command, **kwargs)
+
+
+EXAMPLES = (
+    "Examples:\n\n"
+    "  ddpmctl train shapes   (a first model in minutes on a CPU)\n\n"
+    "  ddpmctl sample --n 16 --out samples/   (the newest run under ./runs)\n\n"
+    "  ddpmctl grid runs/shapes-20261126-101500 --evolution --out evolution.png\n\n"
+    "  ddpmctl train cifar10 --dry-run   (spec, parameters, memory and time estimate; writes nothing)\n\n"
+    "  ddpmctl eval   (bits/dim of the newest run)\n\n"
+    "  ddpmctl export --out my-model/   (then: ddpmctl demo my-model/)"
+)
+
+app = App(
     name="ddpmctl",
     help="Train Denoising Diffusion Probabilistic Models on image datasets and sample from them.",
+    epilog=EXAMPLES,
+    cls=Group,
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

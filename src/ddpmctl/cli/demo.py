@@ -15,9 +15,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 @app.command(epilog="Examples:\n\n  ddpmctl demo\n\n"
                     "  ddpmctl demo runs/shapes-20261126-101500 --port 8000\n\n"
                     "  ddpmctl demo hf:me/shapes-ddpm --max-work 2000\n\n"
-                    "Needs the optional extra: pip install 'ddpmctl\\[demo]'")
+                    "Needs the optional [demo] extra: pip install '.[demo]' in the ddpmctl checkout, or pipx inject ddpmctl 'gradio>=6,<7'")
 def demo(
-    source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder or hf:OWNER/NAME\\[@REV] "
+    source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder or hf:OWNER/NAME[@REV] "
                                                          "(default: the newest run under ./runs).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 lets other machines in.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 7860,

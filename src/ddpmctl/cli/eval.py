@@ -40,7 +40,7 @@ def human_lines(record: dict) -> list[str]:
     return lines
 
 
-@app.command("eval", epilog="Examples:\n\n  ddpmctl eval runs/shapes-20261126-101500 --metric bpd\n\n"
+@app.command("eval", epilog="Examples:\n\n  ddpmctl eval runs/shapes-20261126-101500   (bits/dim, the default)\n\n"
                             "  ddpmctl eval runs/cifar --data cifar10 --metric fid,kid --n 50000 --sampler ddim "
                             "--steps 50\n\n"
                             "  ddpmctl eval runs/x --metric bpd --stride 10 --n 1000 --json\n\n"
@@ -52,7 +52,9 @@ def eval_cmd(
                                                      "data).")] = None,
     split: Annotated[Optional[Literal["train", "test"]], typer.Option(
         help="Split to use (default: test for bpd, train for fid/kid, as in Ho et al.).")] = None,
-    metric: Annotated[str, typer.Option(help="Comma-separated: bpd, fid, kid.")] = "bpd,fid,kid",
+    metric: Annotated[str, typer.Option(help="Comma-separated: bpd, fid, kid. bpd runs on every install; fid and "
+                                             "kid need the optional [eval] extra (torch-fidelity's Inception-v3; "
+                                             "pip install '.[eval]', or with pipx: pipx inject ddpmctl torch-fidelity).")] = "bpd",
     n: Annotated[Optional[int], typer.Option("--n", min=1, help="bpd: held-out images (default: the whole split); "
                                                                 "fid/kid: generated samples (default 50,000).")]
     = None,
@@ -83,7 +85,8 @@ def eval_cmd(
     quiet: QuietOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Measure bits/dim (held-out likelihood bound), FID and KID; append the result to RUN_DIR/eval.jsonl."""
+    """Measure bits/dim (held-out likelihood bound; the default), FID and KID; append the result to
+    RUN_DIR/eval.jsonl."""
     from ddpmctl.evaluate import EvalOptions, evaluate, parse_metrics
 
     opts = EvalOptions(metrics=parse_metrics(metric), data=data, split=split, n=n, sampler=sampler, steps=steps,

@@ -32,7 +32,7 @@ def export(
     dtype: Annotated[Dtype, typer.Option(help="Weight dtype in model.safetensors.")] = "fp32",
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Export the raw weights instead of the EMA.")] = False,
     format: Annotated[Format, typer.Option("--format", help="onnx: also write model.onnx (the denoiser, checked "
-                                                            "with onnxruntime; pip install 'ddpmctl[onnx]').")]
+                                                            "with onnxruntime; needs the optional [onnx] extra: pip install '.[onnx]').")]
     = "safetensors",
     license: Annotated[str, typer.Option(help="License in the model card's front matter.")] = "mit",
     device: DeviceOpt = None,
@@ -50,11 +50,14 @@ def export(
     from ddpmctl.cli.progress import ProgressView
     from ddpmctl.devices import choose_device
     from ddpmctl.export import export_model_folder
+    from ddpmctl.outdir import check_out_dir
 
     if run_dir is None:
         run_dir = ck.newest_run()
         info(f"using the newest run: {run_dir}")
     out = out if out is not None else Path(run_dir) / "export"
+    ck.check_run_dir(Path(run_dir))  # both refusals before the message that announces the work
+    check_out_dir(out, overwrite, reading=[run_dir], model_folder=True)
     dev = choose_device(device or "auto")
     info(f"exporting {run_dir} to {out} ({dtype}, {'raw' if no_ema else 'EMA'} weights); drawing samples.png")
     with ProgressView(quiet) as view, view.phase("export"):

@@ -17,7 +17,8 @@ def grid(
     source: Annotated[Path, typer.Argument(help="A folder of images, or a run directory with --evolution/--trajectory.")],
     out: Annotated[Path, typer.Option(help="Output PNG.")] = Path("grid.png"),
     nrow: Annotated[Optional[int], typer.Option(min=1, help="Images per row (default: square).")] = None,
-    evolution: Annotated[bool, typer.Option("--evolution", help="One column per saved epoch, same seeds.")] = False,
+    evolution: Annotated[bool, typer.Option("--evolution", help="One column per saved epoch, same seeds, "
+                                                                "labelled with its epoch number.")] = False,
     trajectory: Annotated[bool, typer.Option("--trajectory", help="Rows are samples, columns moments of the "
                                                                   "reverse process.")] = False,
     gif: Annotated[Optional[Path], typer.Option(help="With --trajectory: also write an animated GIF.")] = None,
@@ -31,6 +32,7 @@ def grid(
     """Write a grid PNG: of a folder's images, of a run's saved epochs, or of the denoising process."""
     from ddpmctl.errors import UsageError
     from ddpmctl.images import list_images, make_grid, read_image, save_png, stack_same_size
+    from ddpmctl.outdir import RUN_MARKER
 
     if evolution and trajectory:
         raise UsageError("choose one of --evolution and --trajectory")
@@ -48,6 +50,9 @@ def grid(
         if not source.is_dir():
             raise UsageError(f"{source} is not a folder of images")
         files = list_images(source)
+        if not files and (source / RUN_MARKER).is_file():
+            raise UsageError(f"{source} is a run directory: add --evolution (one column per saved epoch) or "
+                             "--trajectory (the denoising process); a plain grid needs a folder of images")
         if not files:
             raise UsageError(f"{source} holds no .png/.jpg/.jpeg/.webp images")
         img = make_grid(stack_same_size([read_image(f) for f in files]), nrow=nrow)
@@ -63,7 +68,7 @@ def _evolution(run_dir: Path, n: int):
     from ddpmctl import checkpoint as ck
     from ddpmctl import spec as specmod
     from ddpmctl.errors import UsageError
-    from ddpmctl.images import make_grid, read_image, split_grid
+    from ddpmctl.images import label_columns, make_grid, read_image, split_grid
 
     run_dir = ck.check_run_dir(run_dir)
     size = specmod.load(run_dir / "spec.json").model.image_size
@@ -77,7 +82,7 @@ def _evolution(run_dir: Path, n: int):
     # rows = seeds, columns = epochs
     table = torch.stack(cols, dim=1).flatten(0, 1)
     info("columns: epochs " + ", ".join(str(g["epoch"]) for g in grids))
-    return make_grid(table, nrow=len(grids))
+    return label_columns(make_grid(table, nrow=len(grids)), [str(g["epoch"]) for g in grids], size)
 
 
 def _trajectory(run_dir: Path, n: int, frames: int, sampler: str, steps, seed: int, device, gif: Path | None):

@@ -163,7 +163,8 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help=f"Model/training preset: {', '.join(PRESETS)} "
                                                        "(default: named after DATA, else cifar10).")] = None,
     spec_file: Annotated[Optional[Path], typer.Option("--spec", help="TOML or JSON spec file (partial).")] = None,
-    sets: Annotated[Optional[list[str]], typer.Option("--set", help="section.field=value (repeatable).")] = None,
+    sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.FIELD=VALUE",
+                                                                       help="Override one spec field (repeatable).")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs to train.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Stop after N optimizer steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size.")] = None,
@@ -193,6 +194,7 @@ def train(
 
     With --nproc N (or under torchrun) --batch-size is the global batch, split evenly over the ranks."""
     from ddpmctl import spec as specmod
+    from ddpmctl.data import check_source
     from ddpmctl.train import make_run_dir
 
     name, guessed = preset_for(data) if preset is None else (preset, False)
@@ -207,6 +209,7 @@ def train(
         "optim": {"lr": lr},
     }
     spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
+    check_source(spec.data.source, root=data_root)  # a typo fails here, dry run or not; nothing is downloaded
     if guessed and not dry_run and os.environ.get("RANK", "0") == "0":  # once per job under torchrun
         info(f"using preset {name} ({spec.model.image_size}x{spec.model.image_size}, "
              f"{spec.model.channels} channel(s)); choose another with --preset")
@@ -253,14 +256,16 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
     the device is refused here as the real run would refuse it (exit 2), assuming the data has
     batch_size images."""
     from ddpmctl.cli.progress import describe_estimate
-    from ddpmctl.devices import choose_device, choose_precision, describe
+    from ddpmctl.devices import choose_device, choose_precision, describe, device_info
     from ddpmctl.memory import check_fits, human
 
     dev = choose_device(spec.train.device)
-    mem = check_fits(spec, dev, choose_precision(spec.train.precision, dev).name)
+    precision = choose_precision(spec.train.precision, dev).name  # "auto" resolved for this device
+    mem = check_fits(spec, dev, precision)
     n = mem.parameters
     estimate, why_not = run_estimate(spec, data_root)
-    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": describe(dev),
+    report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": device_info(dev),
+              "precision": precision,
               "memory": mem.to_dict(), "estimate": estimate, **({"estimate_skipped": why_not} if why_not else {})}
     if as_json:
         print_json(report)
@@ -269,7 +274,7 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
 
     print(json.dumps(report["spec"], indent=2))
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
-    print(f"device: {report['device']}")
+    print(f"device: {describe(dev)}, precision {precision}")
     print(f"memory: at least {human(mem.total_bytes)} ({human(mem.parameter_bytes)} for parameters, gradients, "
           f"AdamW and EMA; {human(mem.activation_bytes)} of activations at batch {mem.batch}, {mem.precision})")
     print(describe_estimate(estimate, dev.type) if estimate else f"no time estimate: {why_not}")

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ImageData", "load_images", "default_data_root", "download", "DownloadResult", "list_prepared",
-    "KNOWN", "DEFAULT_SIZE", "make_shapes",
+    "KNOWN", "DEFAULT_SIZE", "make_shapes", "check_source",
 ]
 
 
@@ -89,9 +89,7 @@ def load_images(source: str, *, image_size: int, channels: int, split: str = "tr
         hit = _find_prepared(root, url, image_size, channels, sha256=sha)
         if hit is None:
             if not sha or not allow_download:
-                raise DataNotFoundError(
-                    f"{url} is not prepared under {root}; run: ddpmctl download {url} --sha256 HEX --name NAME"
-                    f"{root_opt} (or use {url}#sha256=HEX as the source to download it automatically)")
+                raise _url_not_prepared(url, root, root_opt)
             emit({"event": "download", "source": url,
                   "message": f"{url} is not prepared yet: downloading and preparing it (once) under {root}"})
             res = download(val, root=root, size=image_size, channels=channels, on_event=on_event)
@@ -104,13 +102,9 @@ def load_images(source: str, *, image_size: int, channels: int, split: str = "tr
         kd: KnownDataset = val
         crop = kd.crops[0] if kd.crops else None
         names = [variant_name(kd, image_size, crop), kd.name, source.strip()]
-    for n in dict.fromkeys(names):
-        if "/" in n or "\\" in n or n.startswith("."):
-            continue
-        d = root / n
-        info = read_info(d)
-        if info is not None:
-            return _from_prepared(d, info, split, image_size, channels, on_event)
+    hit = _prepared_by_name(root, names)
+    if hit is not None:
+        return _from_prepared(*hit, split, image_size, channels, on_event)
 
     if kind == "known":
         size = image_size if kd.high_res else kd.size
@@ -127,7 +121,52 @@ def load_images(source: str, *, image_size: int, channels: int, split: str = "tr
     raise not_found(source, root)
 
 
+def check_source(source: str, *, root: Path | None = None) -> str:
+    """The kind of ``source`` (see :func:`~ddpmctl.data.download.classify`) if :func:`load_images` could
+    use it, without reading an image or touching the network; else the error :func:`load_images` raises
+    for it (an unknown name, with close matches; a missing path; an unsupported address). A known
+    dataset, an ``hf://`` source or an ``https://...#sha256=HEX`` URL passes whether or not it is
+    prepared yet: the real run downloads it."""
+    root_given = root is not None
+    root = resolve_root(root)
+    kind, val = classify(source)
+    if kind == "path":
+        _check_local(Path(val))
+    elif kind == "url":  # without #sha256= the run does not download it: it must be prepared
+        url, sha = split_url_fragment(val)
+        if not sha and _find_prepared(root, url, 0, 0, sha256=None) is None:
+            raise _url_not_prepared(url, root, f" --root {root}" if root_given else "")
+    elif kind == "name" and _prepared_by_name(root, [source.strip()]) is None and not Path(val).exists():
+        raise not_found(source, root)
+    return kind
+
+
 # ----------------------------------------------------------------------------- helpers
+
+
+def _prepared_by_name(root: Path, names: list[str]) -> tuple[Path, dict] | None:
+    """The first of ``names`` prepared under ``root``: (folder, dataset.json)."""
+    for n in dict.fromkeys(names):
+        if "/" in n or "\\" in n or n.startswith("."):
+            continue
+        d = root / n
+        info = read_info(d)
+        if info is not None:
+            return d, info
+    return None
+
+
+def _url_not_prepared(url: str, root: Path, root_opt: str) -> DataNotFoundError:
+    return DataNotFoundError(
+        f"{url} is not prepared under {root}; run: ddpmctl download {url} --sha256 HEX --name NAME"
+        f"{root_opt} (or use {url}#sha256=HEX as the source to download it automatically)")
+
+
+def _check_local(path: Path) -> Path:
+    path = path.expanduser()
+    if not path.exists():
+        raise UsageError(f"no such folder or archive: {path}")
+    return path
 
 
 def _find_prepared(root: Path, source: str, size: int, channels: int, **request) -> tuple[Path, dict] | None:
@@ -188,9 +227,7 @@ def _load_shapes(split: str, image_size: int, channels: int) -> ImageData:
 def _load_local(path: Path, split: str, image_size: int, channels: int, on_event) -> ImageData:
     import torch
 
-    path = path.expanduser()
-    if not path.exists():
-        raise UsageError(f"no such folder or archive: {path}")
+    path = _check_local(path)
     if split != "train":
         if path.is_dir() and (path / split).is_dir():
             path = path / split

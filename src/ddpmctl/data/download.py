@@ -88,7 +88,18 @@ def accepted_sources(root: Path) -> str:
 
 
 def not_found(source: str, root: Path) -> DataNotFoundError:
-    return DataNotFoundError(f"unknown data source {source!r}. Accepted: {accepted_sources(root)}")
+    """Unknown ``source``: "did you mean" the close built-in, downloadable or prepared names, then all
+    that is accepted."""
+    import difflib
+
+    from ddpmctl.data.prepared import list_prepared
+    from ddpmctl.data.sources import ALIASES
+
+    names = [*BUILTIN, *KNOWN, *ALIASES, *(d["name"] for d in list_prepared(root) if "error" not in d)]
+    close = difflib.get_close_matches(source.strip().lower(), list(dict.fromkeys(names)), n=3, cutoff=0.75)
+    close = list(dict.fromkeys(ALIASES.get(c, c) for c in close))
+    hint = f" (did you mean {' or '.join(close)}?)" if close else ""
+    return DataNotFoundError(f"unknown data source {source!r}{hint}. Accepted: {accepted_sources(root)}")
 
 
 def check_size(size: int | None, what: str = "--size") -> None:
