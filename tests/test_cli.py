@@ -8,7 +8,7 @@ import torch
 from ddpmctl import __version__
 from ddpmctl.images import make_grid, read_image, save_png
 
-from conftest import run_main
+from conftest import run_main, make_images
 
 
 def test_version(cli):
@@ -132,6 +132,16 @@ def test_grid_of_empty_folder_exit_2(cli, tmp_path):
     (tmp_path / "empty").mkdir()
     r = cli("grid", "empty", "--out", "g.png")
     assert r.returncode == 2 and "no .png" in r.stderr
+
+
+def test_grid_never_writes_over_a_file_that_is_not_a_png(cli, tmp_path):
+    """`grid --out RUN/spec.json` was an atomic, silent replacement of the run's spec."""
+    (tmp_path / "imgs").mkdir()
+    make_images(tmp_path / "imgs", 2)
+    (tmp_path / "spec.json").write_text("{}")
+    r = cli("grid", "imgs", "--out", "spec.json")
+    assert r.returncode == 2 and "expected a .png file name" in r.stderr
+    assert (tmp_path / "spec.json").read_text() == "{}"
 
 
 def test_the_pipx_packages_of_each_extra_are_those_of_pyproject():

@@ -38,6 +38,9 @@ def grid(
         raise UsageError("choose one of --evolution and --trajectory")
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a directory; give a .png file path")
+    for flag, path, suffix in (("--out", out, ".png"), ("--gif", gif, ".gif")):  # never replaces e.g. a spec.json
+        if path is not None and path.suffix.lower() != suffix:
+            raise UsageError(f"{flag} {path}: expected a {suffix} file name")
     if gif is not None and not trajectory:
         raise UsageError("--gif needs --trajectory")
     if not source.exists():
