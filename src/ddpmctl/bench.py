@@ -1,7 +1,7 @@
 """`ddpmctl bench`: training and sampling speed of a preset on synthetic data.
 
-Measures the very code training and sampling run (:func:`ddpmctl.step.setup_training` and its
-step, :func:`ddpmctl.step.make_sample_fn` inside :func:`ddpmctl.samplers.ddpm_sample`), after a
+Measures the very code training and sampling run (:func:`ddpmctl.engine.setup_training` and its
+step, :func:`ddpmctl.engine.make_sample_fn` inside :func:`ddpmctl.samplers.ddpm_sample`), after a
 warm-up that absorbs compilation, as the median of repeats. Counts FLOPs per image with
 torch.utils.flop_counter and, where a peak is measured (a large matrix product on the device),
 reports utilisation. The library never prints: progress goes through ``emit``.
@@ -220,7 +220,7 @@ def ddpmctl_train_step(spec: RunSpec, device: torch.device, precision, *, compil
     """(one_step, read, training) with the training loop's data phase and step: device-resident
     uint8 batches, t and noise from a device generator, setup_training's step, device-side loss sums."""
     from ddpmctl.data.loader import DeviceLoader
-    from ddpmctl.step import setup_training
+    from ddpmctl.engine import setup_training
     from ddpmctl.train import get_lr
 
     tr_spec, op, T = spec.train, spec.optim, spec.diffusion.timesteps
@@ -253,7 +253,7 @@ def ddpmctl_sampler(spec: RunSpec, device: torch.device, precision, batch_size: 
     """run(n): n steps of ddpm_sample (the real loop: per-image noise, clipping, checks) with the
     network as `ddpmctl sample` runs it, random weights (zeros would flatter the timing)."""
     from ddpmctl.samplers import ddpm_sample, per_image_generators, randn_per_image
-    from ddpmctl.step import compile_wanted, make_sample_fn
+    from ddpmctl.engine import compile_wanted, make_sample_fn
     from ddpmctl.unet import build
 
     torch.manual_seed(spec.train.seed)
@@ -298,7 +298,7 @@ def run(preset: str = "cifar10", *, device: str = "auto", batch_size: int | None
     sample_steps = sample_steps or d["sample_steps"]
     sample_bs = sample_batch_size or d["sample_batch_size"] or spec.train.batch_size
     compile_mode = spec.train.compile if compile is None else compile
-    from ddpmctl.step import compile_wanted
+    from ddpmctl.engine import compile_wanted
     from ddpmctl.unet import build, count_parameters
 
     with torch.device("meta"):

@@ -51,7 +51,7 @@ def generate(
 ) -> Iterator[tuple[int, torch.Tensor, int]]:
     """Yield (first_index, uint8 images (B, C, H, W), network evaluations) batch by batch.
 
-    The network runs through :func:`ddpmctl.step.make_sample_fn`: on CUDA bf16 weights (with bf16
+    The network runs through :func:`ddpmctl.engine.make_sample_fn`: on CUDA bf16 weights (with bf16
     precision), channels_last and one CUDA graph replay per evaluation (``cuda_graph``, default on),
     compiled when ``compile`` says so (None = auto: on CUDA when the call does at least
     :data:`COMPILE_MIN_IMAGE_STEPS` image-steps, where compilation pays for itself; a failed
@@ -59,7 +59,7 @@ def generate(
     None picks one from free device memory. Image i depends only on seeds[i] whatever the batching.
     """
     from ddpmctl.devices import set_fast_math
-    from ddpmctl.step import auto_sample_batch_size, make_sample_fn
+    from ddpmctl.engine import auto_sample_batch_size, make_sample_fn
 
     s = den.spec
     if torch.device(device).type == "cuda" and not torch.are_deterministic_algorithms_enabled():

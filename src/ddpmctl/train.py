@@ -38,7 +38,7 @@ from ddpmctl.lock import RunLock
 from ddpmctl.safefile import open_owned, open_update, refuse_symlink
 from ddpmctl.memory import check_fits
 from ddpmctl.spec import RunSpec
-from ddpmctl.step import optimizer_for, setup_training
+from ddpmctl.engine import optimizer_for, setup_training
 from ddpmctl.unet import build, count_parameters
 from ddpmctl.writes import append_bytes
 
