@@ -23,7 +23,7 @@ import torch
 
 from ddpmctl import __version__
 from ddpmctl import spec as specmod
-from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
+from ddpmctl.devices import choose_precision, describe, resolve, set_fast_math
 from ddpmctl.diffusion import Schedule, training_loss
 from ddpmctl.spec import RunSpec
 
@@ -283,12 +283,13 @@ def resolve_spec(preset: str, device: torch.device, batch_size: int | None, prec
     return specmod.resolve(preset, overrides=overrides)
 
 
-def run(preset: str = "cifar10", *, device: str = "auto", batch_size: int | None = None, steps: int | None = None,
+def run(preset: str = "cifar10", *, device: str | torch.device | None = None, batch_size: int | None = None, steps: int | None = None,
         warmup: int | None = None, repeats: int | None = None, sample_batch_size: int | None = None,
         sample_steps: int | None = None, compile: bool | None = None, precision: str = "auto",
         train: bool = True, sample: bool = True, peak: bool = True, emit: Event = _ignore) -> dict:
-    """Benchmark a preset on ``device``; returns one flat dict (see docs/performance.md)."""
-    dev = choose_device(device)
+    """Benchmark a preset on ``device`` (a resolved torch.device, as the CLI hands it; a name or None,
+    auto, goes through :func:`ddpmctl.devices.resolve`); returns one flat dict (see docs/performance.md)."""
+    dev = resolve(device)
     prec = choose_precision(precision, dev)
     spec = resolve_spec(preset, dev, batch_size, precision)
     d = DEFAULTS.get(dev.type, DEFAULTS["cpu"])

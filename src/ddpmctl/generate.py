@@ -57,13 +57,12 @@ def generate(
     :data:`COMPILE_MIN_IMAGE_STEPS` image-steps, where compilation pays for itself; a failed
     compilation falls back to eager with a warning). ``batch_size``
     None picks one from free device memory. Image i depends only on seeds[i] whatever the batching.
+    The process's backend flags (TF32, cuDNN autotuning) are the caller's: the CLI sets them once per
+    command (:func:`ddpmctl.devices.set_fast_math`); this function leaves them as they are.
     """
-    from ddpmctl.devices import set_fast_math
     from ddpmctl.engine import auto_sample_batch_size, make_sample_fn
 
     s = den.spec
-    if torch.device(device).type == "cuda" and not torch.are_deterministic_algorithms_enabled():
-        set_fast_math(torch.device(device), deterministic=False)  # cuDNN autotuning, TF32 for fp32
     schedule = Schedule.create(s.diffusion.schedule, s.diffusion.timesteps).to(device)
     shape = (s.model.channels, s.model.image_size, s.model.image_size)
     if batch_size is None:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
 from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
-from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
+from ddpmctl.devices import choose_precision, describe, resolve, set_fast_math
 from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
@@ -195,6 +195,7 @@ def run(
     data_root: Path | None = None,
     allow_download: bool = True,
     dist: Dist = SINGLE,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train (or continue training) the run in `run_dir` according to `spec`.
 
@@ -203,6 +204,10 @@ def run(
     ``dist`` (:func:`ddpmctl.dist.from_env`): this process is one rank of a torchrun job. Every rank
     runs this function; the spec's batch size is the global batch, each rank computes on its slice
     of it, and only rank 0 writes to the run dir (which must be on a filesystem all ranks see).
+
+    ``device``: the device the CLI resolved (on CUDA each rank takes ``cuda:LOCAL_RANK``); None
+    resolves ``spec.train.device``, which stays what spec.json records. The backend flags
+    (:func:`ddpmctl.devices.set_fast_math`) are set here, from ``train.deterministic``.
     """
     emit = on_event or (lambda e: None)
     run_dir = Path(run_dir)
@@ -211,19 +216,18 @@ def run(
             ck.check_run_dir(run_dir)
             if dist.is_main:
                 held.enter_context(RunLock(run_dir, on_warning=lambda m: emit({"event": "warning", "message": m})))
-        return _run(spec, run_dir, resume, emit, stop or StopFlag(), data_root, allow_download, held, dist)
+        return _run(spec, run_dir, resume, emit, stop or StopFlag(), data_root, allow_download, held, dist,
+                    resolve(device if device is not None else spec.train.device))
 
 
 def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag, data_root: Path | None,
-         allow_download: bool, held: contextlib.ExitStack, dist: Dist) -> TrainResult:
+         allow_download: bool, held: contextlib.ExitStack, dist: Dist, asked: torch.device) -> TrainResult:
     tr, op = spec.train, spec.optim
     warn = lambda m: emit({"event": "warning", "message": m})  # noqa: E731
     main = dist.is_main  # the one rank that writes
 
     # ---- device and precision
-    if tr.deterministic:  # cuBLAS needs this before its first use to be deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    device = rank_device(choose_device(tr.device), dist)
+    device = rank_device(asked, dist)
     precision = choose_precision(tr.precision, device)
     deterministic = tr.deterministic or device.type == "cpu"
     set_fast_math(device, deterministic)

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, app, info, print_json
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, app, command_device, info, print_json
 
 Dtype = Literal["fp32", "fp16", "bf16"]
 Format = Literal["safetensors", "onnx"]
@@ -48,14 +48,13 @@ def export(
     """
     from ddpmctl import checkpoint as ck
     from ddpmctl.cli.progress import ProgressView
-    from ddpmctl.devices import choose_device
     from ddpmctl.export import export_model_folder
 
     if run_dir is None:
         run_dir = ck.newest_run()
         info(f"using the newest run: {run_dir}")
     out = out if out is not None else Path(run_dir) / "export"
-    dev = choose_device(device or "auto")
+    dev = command_device(device)
     info(f"exporting {run_dir} to {out} ({dtype}, {'raw' if no_ema else 'EMA'} weights); drawing samples.png")
     with ProgressView(quiet) as view, view.phase("export"):
         res = export_model_folder(Path(run_dir), out, dtype=dtype, use_ema=not no_ema, license=license,
