@@ -283,8 +283,9 @@ def resolve_spec(preset: str, device: torch.device, batch_size: int | None, prec
     return specmod.resolve(preset, overrides=overrides)
 
 
-def run(preset: str = "cifar10", *, device: str | torch.device | None = None, batch_size: int | None = None, steps: int | None = None,
-        warmup: int | None = None, repeats: int | None = None, sample_batch_size: int | None = None,
+def run(preset: str = "cifar10", *, device: str | torch.device | None = None, batch_size: int | None = None,
+        steps: int | None = None, warmup: int | None = None, repeats: int | None = None,
+        sample_batch_size: int | None = None,
         sample_steps: int | None = None, compile: bool | None = None, precision: str = "auto",
         train: bool = True, sample: bool = True, peak: bool = True, emit: Event = _ignore) -> dict:
     """Benchmark a preset on ``device`` (a resolved torch.device, as the CLI hands it; a name or None,

@@ -58,8 +58,8 @@ def bench(
         elif e.get("message"):
             info(e["message"])
 
-    r = benchmod.run(preset, device=command_device(device, backend=False), batch_size=batch_size, steps=steps, warmup=warmup,
-                     repeats=repeats, sample_batch_size=sample_batch_size, sample_steps=sample_steps,
+    r = benchmod.run(preset, device=command_device(device, backend=False), batch_size=batch_size, steps=steps,
+                     warmup=warmup, repeats=repeats, sample_batch_size=sample_batch_size, sample_steps=sample_steps,
                      compile=compile, precision=precision, train=only != "sample", sample=only != "train",
                      emit=on_event)
     if as_json:
