@@ -39,7 +39,7 @@ def _step_times(spec, dist, steps: int, warmup: int) -> list[float]:
     from ddpmctl.bench import synthetic_images
     from ddpmctl.data.loader import DeviceLoader
     from ddpmctl.devices import choose_precision
-    from ddpmctl.step import setup_training
+    from ddpmctl.engine import setup_training
 
     device = torch.device("cpu")
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ from ddpmctl import bench
 from ddpmctl.devices import choose_device, choose_precision
 from ddpmctl.diffusion import Schedule
 from ddpmctl.samplers import ddpm_sample, per_image_generators, randn_per_image
-from ddpmctl.step import make_sample_fn, setup_training
+from ddpmctl.engine import make_sample_fn, setup_training
 from ddpmctl.unet import build
 
 

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from ddpmctl import bench
 from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
-from ddpmctl.step import compile_wanted
+from ddpmctl.engine import compile_wanted
 from ddpmctl.unet import build, count_parameters
 
 DIFFUSERS_MODELS = {

@@ -16,7 +16,7 @@ from ddpmctl import bench
 from ddpmctl import spec as S
 from ddpmctl.devices import auto_precision_name, choose_precision, cpu_has_native_bf16
 from ddpmctl.samplers import PerImageNoise, noise_chunk_steps, per_image_generators, randn_per_image
-from ddpmctl.step import _CompiledOrEager, make_sample_fn, maybe_compile
+from ddpmctl.engine import _CompiledOrEager, make_sample_fn, maybe_compile
 from ddpmctl.unet import Attention, ResBlock, build
 
 # The tests marked numerics run again with the AVX2 cap in .ci/run (issue 18); the CLI-output ones do not.

@@ -185,7 +185,9 @@ def test_sigterm_stops_the_demo_server(world, tmp_path, monkeypatch, capsys):
                 if c.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.05)
-        time.sleep(0.3)  # past launch(): main() is in its serving loop
+        printed = getattr(sys.stdout, "getvalue", lambda: "http://")  # capsys's buffer (pytest -s: no wait)
+        while time.monotonic() < deadline and "http://" not in printed():
+            time.sleep(0.05)  # launch() returned and printed the URL: main() is in its serving loop
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=terminate_when_serving, daemon=True).start()

@@ -1,7 +1,7 @@
 """`ddpmctl bench`: training and sampling speed of a preset on synthetic data.
 
-Measures the very code training and sampling run (:func:`ddpmctl.step.setup_training` and its
-step, :func:`ddpmctl.step.make_sample_fn` inside :func:`ddpmctl.samplers.ddpm_sample`), after a
+Measures the very code training and sampling run (:func:`ddpmctl.engine.setup_training` and its
+step, :func:`ddpmctl.engine.make_sample_fn` inside :func:`ddpmctl.samplers.ddpm_sample`), after a
 warm-up that absorbs compilation, as the median of repeats. Counts FLOPs per image with
 torch.utils.flop_counter and, where a peak is measured (a large matrix product on the device),
 reports utilisation. The library never prints: progress goes through ``emit``.
@@ -23,7 +23,7 @@ import torch
 
 from ddpmctl import __version__
 from ddpmctl import spec as specmod
-from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
+from ddpmctl.devices import choose_precision, describe, resolve, set_fast_math
 from ddpmctl.diffusion import Schedule, training_loss
 from ddpmctl.spec import RunSpec
 
@@ -220,7 +220,7 @@ def ddpmctl_train_step(spec: RunSpec, device: torch.device, precision, *, compil
     """(one_step, read, training) with the training loop's data phase and step: device-resident
     uint8 batches, t and noise from a device generator, setup_training's step, device-side loss sums."""
     from ddpmctl.data.loader import DeviceLoader
-    from ddpmctl.step import setup_training
+    from ddpmctl.engine import setup_training
     from ddpmctl.train import get_lr
 
     tr_spec, op, T = spec.train, spec.optim, spec.diffusion.timesteps
@@ -253,7 +253,7 @@ def ddpmctl_sampler(spec: RunSpec, device: torch.device, precision, batch_size: 
     """run(n): n steps of ddpm_sample (the real loop: per-image noise, clipping, checks) with the
     network as `ddpmctl sample` runs it, random weights (zeros would flatter the timing)."""
     from ddpmctl.samplers import ddpm_sample, per_image_generators, randn_per_image
-    from ddpmctl.step import compile_wanted, make_sample_fn
+    from ddpmctl.engine import compile_wanted, make_sample_fn
     from ddpmctl.unet import build
 
     torch.manual_seed(spec.train.seed)
@@ -283,12 +283,14 @@ def resolve_spec(preset: str, device: torch.device, batch_size: int | None, prec
     return specmod.resolve(preset, overrides=overrides)
 
 
-def run(preset: str = "cifar10", *, device: str = "auto", batch_size: int | None = None, steps: int | None = None,
-        warmup: int | None = None, repeats: int | None = None, sample_batch_size: int | None = None,
+def run(preset: str = "cifar10", *, device: str | torch.device | None = None, batch_size: int | None = None,
+        steps: int | None = None, warmup: int | None = None, repeats: int | None = None,
+        sample_batch_size: int | None = None,
         sample_steps: int | None = None, compile: bool | None = None, precision: str = "auto",
         train: bool = True, sample: bool = True, peak: bool = True, emit: Event = _ignore) -> dict:
-    """Benchmark a preset on ``device``; returns one flat dict (see docs/performance.md)."""
-    dev = choose_device(device)
+    """Benchmark a preset on ``device`` (a resolved torch.device, as the CLI hands it; a name or None,
+    auto, goes through :func:`ddpmctl.devices.resolve`); returns one flat dict (see docs/performance.md)."""
+    dev = resolve(device)
     prec = choose_precision(precision, dev)
     spec = resolve_spec(preset, dev, batch_size, precision)
     d = DEFAULTS.get(dev.type, DEFAULTS["cpu"])
@@ -298,7 +300,7 @@ def run(preset: str = "cifar10", *, device: str = "auto", batch_size: int | None
     sample_steps = sample_steps or d["sample_steps"]
     sample_bs = sample_batch_size or d["sample_batch_size"] or spec.train.batch_size
     compile_mode = spec.train.compile if compile is None else compile
-    from ddpmctl.step import compile_wanted
+    from ddpmctl.engine import compile_wanted
     from ddpmctl.unet import build, count_parameters
 
     with torch.device("meta"):

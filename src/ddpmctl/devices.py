@@ -1,4 +1,8 @@
-"""The one device and precision chooser."""
+"""The one device and precision chooser, and the process-wide backend flags.
+
+The CLI resolves the device once per command (``cli.common.command_device``) and hands the library a
+``torch.device``; a library function given a name or None instead resolves it with :func:`resolve`.
+"""
 
 from __future__ import annotations
 
@@ -40,6 +44,14 @@ def choose_device(name: str = "auto") -> torch.device:
             raise DeviceError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) (cuda:0..)")
         return torch.device("cuda", idx)
     raise DeviceError(f"--device {name!r}: expected auto, cpu, cuda, cuda:N or mps")
+
+
+def resolve(device: str | torch.device | None) -> torch.device:
+    """The device a library call runs on: a ``torch.device`` (as the CLI hands one) as it is, a name
+    through :func:`choose_device`, None as ``auto``."""
+    if isinstance(device, torch.device):
+        return device
+    return choose_device(device or "auto")
 
 
 def describe(device: torch.device) -> str:
@@ -136,7 +148,12 @@ def choose_precision(name: str, device: torch.device) -> Precision:
 
 
 def set_fast_math(device: torch.device, deterministic: bool) -> None:
-    """TF32 for fp32 matmuls/convs on CUDA unless deterministic."""
+    """The process-wide backend flags: on CUDA TF32 for fp32 matmuls/convs and cuDNN autotuning unless
+    deterministic, else deterministic algorithms. Set once per process: by the CLI's
+    ``command_device`` for each command, by training's setup for a run (from ``train.deterministic``);
+    sampling (``generate``) leaves them as they are."""
+    if deterministic and device.type == "cuda":  # cuBLAS needs this before its first use to be deterministic
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = not deterministic
         torch.backends.cudnn.allow_tf32 = not deterministic

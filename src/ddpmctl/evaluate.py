@@ -641,7 +641,7 @@ class EvalOptions:
     kid_subsets: int = 100
     kid_subset_size: int = 1000
     inception_weights: Path | None = None
-    device: str = "auto"
+    device: str | torch.device = "auto"  # the CLI hands a resolved torch.device
     precision: str = "auto"
     use_ema: bool = True
     data_root: Path | None = None
@@ -664,7 +664,7 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
     Order: check FID prerequisites first (extra, weights) so nothing slow runs before a
     predictable failure; then bits/dim, then samples -> features -> FID and KID.
     """
-    from ddpmctl.devices import choose_device, choose_precision, describe
+    from ddpmctl.devices import choose_precision, describe, resolve
     from ddpmctl.generate import generate, model_fn_for, run_defaults
     from ddpmctl.modelfolder import load_source
     from ddpmctl.sampler_registry import get_sampler
@@ -674,7 +674,7 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
     if opts.n is not None and opts.n < 1:
         raise UsageError(f"--n {opts.n}: must be at least 1")
     t0 = time.perf_counter()
-    device = choose_device(opts.device)
+    device = resolve(opts.device)
     precision = choose_precision(opts.precision, device)
     den = load_source(source, use_ema=opts.use_ema, device=device,
                       on_warning=lambda m: emit({"event": "warning", "message": m}))

@@ -51,19 +51,18 @@ def generate(
 ) -> Iterator[tuple[int, torch.Tensor, int]]:
     """Yield (first_index, uint8 images (B, C, H, W), network evaluations) batch by batch.
 
-    The network runs through :func:`ddpmctl.step.make_sample_fn`: on CUDA bf16 weights (with bf16
+    The network runs through :func:`ddpmctl.engine.make_sample_fn`: on CUDA bf16 weights (with bf16
     precision), channels_last and one CUDA graph replay per evaluation (``cuda_graph``, default on),
     compiled when ``compile`` says so (None = auto: on CUDA when the call does at least
     :data:`COMPILE_MIN_IMAGE_STEPS` image-steps, where compilation pays for itself; a failed
     compilation falls back to eager with a warning). ``batch_size``
     None picks one from free device memory. Image i depends only on seeds[i] whatever the batching.
+    The process's backend flags (TF32, cuDNN autotuning) are the caller's: the CLI sets them once per
+    command (:func:`ddpmctl.devices.set_fast_math`); this function leaves them as they are.
     """
-    from ddpmctl.devices import set_fast_math
-    from ddpmctl.step import auto_sample_batch_size, make_sample_fn
+    from ddpmctl.engine import auto_sample_batch_size, make_sample_fn
 
     s = den.spec
-    if torch.device(device).type == "cuda" and not torch.are_deterministic_algorithms_enabled():
-        set_fast_math(torch.device(device), deterministic=False)  # cuDNN autotuning, TF32 for fp32
     schedule = Schedule.create(s.diffusion.schedule, s.diffusion.timesteps).to(device)
     shape = (s.model.channels, s.model.image_size, s.model.image_size)
     if batch_size is None:

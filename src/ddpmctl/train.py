@@ -1,5 +1,6 @@
-"""The training loop. Read it top to bottom: setup, then one loop in commented phases
-(data, forward/backward, update, EMA, log + divergence guard, sample, checkpoint, stop).
+"""The training loop. Read :func:`_run` and then :class:`_Trainer` top to bottom: setup (device,
+data, estimate, model), a fresh run dir or resume, the loop (data, forward/backward/update/EMA,
+log + divergence guard, sample, checkpoint, stop), rollback and checkpoint writing.
 
 The library never prints: everything the user sees goes through ``on_event(dict)``.
 
@@ -29,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ddpmctl import checkpoint as ck
 from ddpmctl import spec as specmod
 from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
-from ddpmctl.devices import choose_device, choose_precision, describe, set_fast_math
+from ddpmctl.devices import choose_precision, describe, resolve, set_fast_math
 from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
 from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
@@ -38,7 +39,7 @@ from ddpmctl.lock import RunLock
 from ddpmctl.safefile import open_owned, open_update, refuse_symlink
 from ddpmctl.memory import check_fits
 from ddpmctl.spec import RunSpec
-from ddpmctl.step import optimizer_for, setup_training
+from ddpmctl.engine import optimizer_for, setup_training
 from ddpmctl.unet import build, count_parameters
 from ddpmctl.writes import append_bytes
 
@@ -195,6 +196,7 @@ def run(
     data_root: Path | None = None,
     allow_download: bool = True,
     dist: Dist = SINGLE,
+    device: torch.device | None = None,
 ) -> TrainResult:
     """Train (or continue training) the run in `run_dir` according to `spec`.
 
@@ -203,6 +205,10 @@ def run(
     ``dist`` (:func:`ddpmctl.dist.from_env`): this process is one rank of a torchrun job. Every rank
     runs this function; the spec's batch size is the global batch, each rank computes on its slice
     of it, and only rank 0 writes to the run dir (which must be on a filesystem all ranks see).
+
+    ``device``: the device the CLI resolved (on CUDA each rank takes ``cuda:LOCAL_RANK``); None
+    resolves ``spec.train.device``, which stays what spec.json records. The backend flags
+    (:func:`ddpmctl.devices.set_fast_math`) are set here, from ``train.deterministic``.
     """
     emit = on_event or (lambda e: None)
     run_dir = Path(run_dir)
@@ -211,75 +217,171 @@ def run(
             ck.check_run_dir(run_dir)
             if dist.is_main:
                 held.enter_context(RunLock(run_dir, on_warning=lambda m: emit({"event": "warning", "message": m})))
-        return _run(spec, run_dir, resume, emit, stop or StopFlag(), data_root, allow_download, held, dist)
+        return _run(spec, run_dir, resume, emit, stop or StopFlag(), data_root, allow_download, held, dist,
+                    resolve(device if device is not None else spec.train.device))
 
 
 def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag, data_root: Path | None,
-         allow_download: bool, held: contextlib.ExitStack, dist: Dist) -> TrainResult:
-    tr, op = spec.train, spec.optim
-    warn = lambda m: emit({"event": "warning", "message": m})  # noqa: E731
-    main = dist.is_main  # the one rank that writes
+         allow_download: bool, held: contextlib.ExitStack, dist: Dist, asked: torch.device) -> TrainResult:
+    """The phases in order: setup (device, data, estimate, model), then a fresh run dir or the state
+    of the newest checkpoint, the start event, and the loop."""
+    run = _Trainer(spec, run_dir, emit, stop, dist)
+    run.setup(asked, data_root, allow_download)
+    ckpt = run.resume_state() if resume else run.create(held)
+    run.announce()
+    return run.loop(ckpt.path if ckpt else None)
 
-    # ---- device and precision
-    if tr.deterministic:  # cuBLAS needs this before its first use to be deterministic
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    device = rank_device(choose_device(tr.device), dist)
-    precision = choose_precision(tr.precision, device)
-    deterministic = tr.deterministic or device.type == "cpu"
-    set_fast_math(device, deterministic)
 
-    # ---- data: the whole uint8 array on the device, batches are a function of (seed, epoch, index);
-    #      one process per machine prepares (downloads) it, the others then read the prepared copy
-    from ddpmctl.data import load_images
-    from ddpmctl.data.loader import DeviceLoader
+class _Trainer:
+    """One run's live objects (model, optimizer, EMA, data, RNG streams, :class:`Counters`,
+    :class:`DeviceStats`) and the phases of :func:`_run` as methods, in the order they run."""
 
-    def load(**kw):
-        return load_images(spec.data.source, image_size=spec.model.image_size, channels=spec.model.channels,
-                           root=data_root, on_event=emit, **kw)
+    def __init__(self, spec: RunSpec, run_dir: Path, emit: Event, stop: StopFlag, dist: Dist):
+        self.spec, self.tr, self.op = spec, spec.train, spec.optim
+        self.run_dir, self.emit, self.stop, self.dist = run_dir, emit, stop, dist
+        self.main = dist.is_main  # the one rank that writes
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.c = Counters()
+        self.samples: list[str] = []
+        self.images_per_s: float | None = None
+        self.last_ckpt: Path | None = None
 
-    data = load(allow_download=allow_download) if dist.local_rank == 0 else None
-    dist.barrier()
-    data = data if data is not None else load(allow_download=False)
-    global_batch = min(tr.batch_size, int(data.images.shape[0]))
-    check_batch(global_batch, dist.world_size)
-    # before the model is allocated: a spec that cannot fit the device is refused with the estimate
-    check_fits(spec, device, precision.name, math.ceil(global_batch / dist.world_size))
-    loader = DeviceLoader(data.images, tr.batch_size, device, seed=tr.seed, flip=spec.data.flip,
-                          shard=(dist.rank, dist.world_size))
-    steps_per_epoch = loader.steps_per_epoch
-    total_steps = tr.max_steps or tr.epochs * steps_per_epoch
-    rows = dist.shard(global_batch)  # this rank's rows of the global t and noise
+    def warn(self, message: str) -> None:
+        self.emit({"event": "warning", "message": message})
 
-    # ---- the estimate of the run's wall time: a few real steps on random data with a throw-away
-    #      model (before the run's own seeding, so it changes nothing); skipped for tiny runs
-    estimate = None
-    if total_steps > ESTIMATE_MIN_STEPS and not dist.distributed:
-        estimate = estimate_step_seconds(spec, device, precision)
+    # ---------------------------------------------------------------------------------------------
+    # setup: device and precision, data, the wall-time estimate, model/optimizer/EMA
+    # ---------------------------------------------------------------------------------------------
 
-    # ---- model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it)
-    torch.manual_seed(tr.seed)
-    training = setup_training(spec, device, precision, emit, dist=dist)  # the same setup `ddpmctl bench` measures
-    model, ema, scaler = training.model, training.ema, training.scaler  # training.opt/.step: see warm start
-    forward = training.forward
-    gen = _noise_generator(device, tr.seed + 1)
+    def setup(self, asked: torch.device, data_root: Path | None, allow_download: bool) -> None:
+        tr = self.tr
+        self.device = rank_device(asked, self.dist)
+        self.precision = choose_precision(tr.precision, self.device)
+        self.deterministic = tr.deterministic or self.device.type == "cpu"
+        set_fast_math(self.device, self.deterministic)
+        self.load_data(data_root, allow_download)
+        # the estimate of the run's wall time: a few real steps on random data with a throw-away
+        # model (before the run's own seeding, so it changes nothing); skipped for tiny runs
+        self.estimate = None
+        if self.total_steps > ESTIMATE_MIN_STEPS and not self.dist.distributed:
+            self.estimate = estimate_step_seconds(self.spec, self.device, self.precision)
+        self.build()
 
-    c = Counters()
-    stats = DeviceStats(device, tr.rollback_after)
-    metrics_path = run_dir / "metrics.jsonl"
+    def load_data(self, data_root: Path | None, allow_download: bool) -> None:
+        """The whole uint8 array on the device, batches a function of (seed, epoch, index); one
+        process per machine prepares (downloads) it, the others then read the prepared copy."""
+        from ddpmctl.data import load_images
+        from ddpmctl.data.loader import DeviceLoader
 
-    def restore(ckpt: ck.Checkpoint, *, everything: bool) -> None:
+        spec, tr, dist = self.spec, self.tr, self.dist
+
+        def load(**kw):
+            return load_images(spec.data.source, image_size=spec.model.image_size, channels=spec.model.channels,
+                               root=data_root, on_event=self.emit, **kw)
+
+        data = load(allow_download=allow_download) if dist.local_rank == 0 else None
+        dist.barrier()
+        data = data if data is not None else load(allow_download=False)
+        self.n_images = int(data.images.shape[0])
+        self.global_batch = min(tr.batch_size, self.n_images)
+        check_batch(self.global_batch, dist.world_size)
+        # before the model is allocated: a spec that cannot fit the device is refused with the estimate
+        check_fits(spec, self.device, self.precision.name, math.ceil(self.global_batch / dist.world_size))
+        self.loader = DeviceLoader(data.images, tr.batch_size, self.device, seed=tr.seed, flip=spec.data.flip,
+                                   shard=(dist.rank, dist.world_size))
+        self.steps_per_epoch = self.loader.steps_per_epoch
+        self.total_steps = tr.max_steps or tr.epochs * self.steps_per_epoch
+        self.rows = dist.shard(self.global_batch)  # this rank's rows of the global t and noise
+
+    def build(self) -> None:
+        """Model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it), the
+        noise generator and the device-side metric window."""
+        torch.manual_seed(self.tr.seed)
+        # the same setup `ddpmctl bench` measures; .opt/.step change at the warm-start switch
+        self.training = setup_training(self.spec, self.device, self.precision, self.emit, dist=self.dist)
+        self.model, self.ema, self.scaler = self.training.model, self.training.ema, self.training.scaler
+        self.gen = _noise_generator(self.device, self.tr.seed + 1)
+        self.stats = DeviceStats(self.device, self.tr.rollback_after)
+
+    # ---------------------------------------------------------------------------------------------
+    # a fresh run dir, or resume: everything back from the newest valid checkpoint
+    # ---------------------------------------------------------------------------------------------
+
+    def create(self, held: contextlib.ExitStack) -> None:
+        """A fresh run: the directory is made only now that the setup worked, and it must take two
+        checkpoints (pre-flight) before spec.json is written; a refused start leaves nothing behind."""
+        run_dir = self.run_dir
+        if not self.main:
+            return None
+        made = _create_run_dir(run_dir)
+        lock = held.enter_context(RunLock(run_dir, on_warning=self.warn))
+        if (run_dir / "spec.json").exists():
+            raise UsageError(f"{run_dir} already holds a run; continue it with `ddpmctl resume {run_dir}`")
+        made += [] if (run_dir / ck.CKPT_DIR).exists() else [run_dir / ck.CKPT_DIR]
+        try:
+            _preflight(run_dir, _checkpoint_bytes(self.model, self.ema))
+        except DdpmctlError:  # the same command can run again
+            lock.release()
+            for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only when empty
+            raise
+        specmod.save(self.spec, run_dir / "spec.json")  # from here on `ddpmctl resume` can continue the run
+        return None
+
+    def resume_state(self) -> ck.Checkpoint | None:
+        """The newest valid checkpoint's state (None: none yet, start again from step 0); metrics.jsonl
+        cut back to it; then the pre-flight for the checkpoints to come."""
+        run_dir, c = self.run_dir, self.c
+        ckpt = None
+        try:
+            ckpt = ck.find_newest(run_dir, on_warning=self.warn)
+        except CheckpointError:
+            if ck.has_checkpoints(run_dir):
+                raise
+            self.warn(f"{run_dir} has no complete checkpoint yet; starting again from step 0")
+        self.agree_on(ckpt, "resume from")
+        if ckpt is not None:
+            self.restore(ckpt, everything=True)
+            self.dist.barrier()  # every rank has read it: rank 0 may now clean up
+            removed = ck.discard_after(run_dir, ckpt) if self.main else []
+            if removed:
+                self.warn(f"removed {', '.join(removed)}: newer than {ckpt.path.name} (broken, or written after "
+                          "it by the interrupted process); training writes them again")
+            self.warn_changed(ckpt)
+            self.emit({"event": "resume", "checkpoint": str(ckpt.path), "step": c.step})
+        if self.main:
+            c.metrics_bytes = _truncate_metrics(self.metrics_path,
+                                                ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
+            _preflight(run_dir, _checkpoint_bytes(self.model, self.ema))
+        return ckpt
+
+    def warn_changed(self, ckpt: ck.Checkpoint) -> None:
+        """What makes the resumed run differ from an uninterrupted one: the data, the precision."""
+        spe = self.steps_per_epoch
+        if ckpt.state.get("steps_per_epoch", spe) != spe:
+            self.warn(f"the data now gives {spe} steps per epoch, {ckpt.state['steps_per_epoch']} when "
+                      "the checkpoint was written: the data order differs from an uninterrupted run")
+        was, now = ckpt.state.get("precision"), self.precision.name
+        if was is not None and was != now:
+            self.warn(f"trained in {was} until step {self.c.step}, continuing in {now} (--precision "
+                      f"{self.tr.precision} on {describe(self.device)}): not bitwise an uninterrupted run; "
+                      f"`ddpmctl resume {self.run_dir} --precision {was}` keeps it")
+
+    def restore(self, ckpt: ck.Checkpoint, *, everything: bool) -> None:
         """Load a checkpoint into the live objects. A rollback keeps the run-wide counters.
 
         Everything is checked before torch sees it: state.json's field types, and every tensor's name,
         dtype and shape against the live model, EMA, optimizer and RNG streams (a forged optimizer
         moment of the wrong shape would crash fused AdamW; a wrong dtype would be cast silently)."""
+        model, ema, gen, device, c = self.model, self.ema, self.gen, self.device, self.c
         name = ckpt.state.get("optimizer_name", "adamw")  # the one that wrote it (older checkpoints: AdamW)
         if name not in ("adamw", "sgd"):
             raise CheckpointError(f"{ckpt.path / 'state.json'}: field 'optimizer_name': expected 'adamw' or 'sgd', "
                                   f"found {str(name)[:40]!r}")
-        training.use_optimizer(name)
-        opt = training.opt
-        st = _checked_state(ckpt, opt, scaler)
+        self.training.use_optimizer(name)
+        opt = self.training.opt
+        st = _checked_state(ckpt, opt, self.scaler)
         tensors = {name: ckpt.tensors(name, device) for name in ("model", "ema", "optim")}
         ck.check_fits_spec(ckpt, "model", tensors["model"], ck.tensor_specs(model.state_dict()))
         ck.check_fits_spec(ckpt, "ema", tensors["ema"], ck.tensor_specs(ema.state_dict()))
@@ -301,128 +403,170 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
         gen.set_state(rng["noise"].to(gen.device) if device.type != "cuda" else rng["noise"])
         if device.type == "cuda" and "cuda" in rng:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        if scaler is not None and st.get("scaler") is not None:
-            scaler.load_state_dict(st["scaler"])
+        if self.scaler is not None and st.get("scaler") is not None:
+            self.scaler.load_state_dict(st["scaler"])
         ema.num_updates = st["ema_updates"]
         c.step, c.images_seen, c.window_steps = st["step"], st["images_seen"], st.get("window_steps", 0)
         if everything:
             c.skipped, c.rollbacks = st.get("skipped_steps", 0), st.get("rollbacks", 0)
             c.lr_scale, c.last_loss = st.get("lr_scale", 1.0), st.get("last_loss")
             c.retreat = tuple(st["retreat"]) if st.get("retreat") else None
-            stats.load_state_dict(st.get("window", {}))
+            self.stats.load_state_dict(st.get("window", {}))
         else:
             c.window_steps = 0
-            stats.reset_window(), stats.reset_health()
+            self.stats.reset_window(), self.stats.reset_health()
 
-    def agree_on(found: ck.Checkpoint | None, what: str) -> None:
+    def agree_on(self, found: ck.Checkpoint | None, what: str) -> None:
         """Every rank read the checkpoint itself; they must have found the same one."""
-        steps = dist.gather_floats([found.step if found is not None else -1])
+        steps = self.dist.gather_floats([found.step if found is not None else -1])
         if len({s[0] for s in steps}) > 1:
             raise DistError(f"ranks found different checkpoints to {what} (steps {[int(s[0]) for s in steps]}): "
-                            f"{run_dir} must be on a filesystem every rank sees, unchanged while the job starts")
+                            f"{self.run_dir} must be on a filesystem every rank sees, unchanged while the job starts")
 
-    # ---- run dir and state: a fresh run (the directory is made only now that the setup worked),
-    #      or everything back from the newest valid checkpoint
-    ckpt = None
-    if not resume:
-        if main:
-            made = _create_run_dir(run_dir)
-            lock = held.enter_context(RunLock(run_dir, on_warning=warn))
-            if (run_dir / "spec.json").exists():
-                raise UsageError(f"{run_dir} already holds a run; continue it with `ddpmctl resume {run_dir}`")
-            made += [] if (run_dir / ck.CKPT_DIR).exists() else [run_dir / ck.CKPT_DIR]
-            try:  # ---- pre-flight: before spec.json, the run dir must take two checkpoints
-                _preflight(run_dir, _checkpoint_bytes(model, ema))
-            except DdpmctlError:  # a refused start leaves nothing behind: the same command can run again
-                lock.release()
-                for d in sorted(made, key=lambda p: len(p.parts), reverse=True):
-                    with contextlib.suppress(OSError):
-                        d.rmdir()  # only when empty
-                raise
-            specmod.save(spec, run_dir / "spec.json")  # from here on `ddpmctl resume` can continue the run
-    else:
-        try:
-            ckpt = ck.find_newest(run_dir, on_warning=warn)
-        except CheckpointError:
-            if ck.has_checkpoints(run_dir):
-                raise
-            warn(f"{run_dir} has no complete checkpoint yet; starting again from step 0")
-        agree_on(ckpt, "resume from")
-        if ckpt is not None:
-            restore(ckpt, everything=True)
-            dist.barrier()  # every rank has read it: rank 0 may now clean up
-            removed = ck.discard_after(run_dir, ckpt) if main else []
-            if removed:
-                warn(f"removed {', '.join(removed)}: newer than {ckpt.path.name} (broken, or written after it by "
-                     "the interrupted process); training writes them again")
-            if ckpt.state.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
-                warn(f"the data now gives {steps_per_epoch} steps per epoch, {ckpt.state['steps_per_epoch']} when "
-                     "the checkpoint was written: the data order differs from an uninterrupted run")
-            was = ckpt.state.get("precision")
-            if was is not None and was != precision.name:
-                warn(f"trained in {was} until step {c.step}, continuing in {precision.name} (--precision "
-                     f"{tr.precision} on {describe(device)}): not bitwise an uninterrupted run; "
-                     f"`ddpmctl resume {run_dir} --precision {was}` keeps it")
-            emit({"event": "resume", "checkpoint": str(ckpt.path), "step": c.step})
-        if main:
-            c.metrics_bytes = _truncate_metrics(metrics_path,
-                                                ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
-    start_step = c.step
+    def announce(self) -> None:
+        """The start event: where, how, how long."""
+        c, total = self.c, self.total_steps
+        est = self.estimate
+        self.emit({"event": "start", "run_dir": str(self.run_dir), "device": describe(self.device),
+                   "precision": self.precision.name, "parameters": count_parameters(self.model),
+                   "images": self.n_images, "steps_per_epoch": self.steps_per_epoch, "total_steps": total,
+                   "start_step": c.step, "compile": self.training.forward is not self.model,
+                   "deterministic": self.deterministic, "world_size": self.dist.world_size,
+                   "global_batch": self.global_batch, "estimate": None if est is None else
+                   {**est, "steps": total - c.step, "seconds": est["step_seconds"] * (total - c.step)}})
 
-    # ---- pre-flight: before the first step, the run dir must take two checkpoints (a new run: above)
-    if main and resume:
-        _preflight(run_dir, _checkpoint_bytes(model, ema))
+    # ---------------------------------------------------------------------------------------------
+    # the loop: data, forward/backward/update/EMA, log + divergence guard, sample, checkpoint, stop
+    # ---------------------------------------------------------------------------------------------
 
-    n_params = count_parameters(model)
-    emit({"event": "start", "run_dir": str(run_dir), "device": describe(device), "precision": precision.name,
-          "parameters": n_params, "images": int(data.images.shape[0]), "steps_per_epoch": steps_per_epoch,
-          "total_steps": total_steps, "start_step": c.step, "compile": forward is not model,
-          "deterministic": deterministic, "world_size": dist.world_size, "global_batch": global_batch,
-          "estimate": None if estimate is None else
-          {**estimate, "steps": total_steps - c.step, "seconds": estimate["step_seconds"] * (total_steps - c.step)}})
+    def loop(self, last_ckpt: Path | None) -> TrainResult:
+        c, tr, spe = self.c, self.tr, self.steps_per_epoch
+        start_step, self.last_ckpt = c.step, last_ckpt
+        self.window_start = time.perf_counter()
+        self.model.train()
+        while c.step < self.total_steps:
+            if c.step == start_step:  # a signal before the first step
+                early = self.dist.max_int(self.stop.signum or 0)
+                if early:
+                    raise Interrupted(early, self.run_dir, c.step, None)
+            lr = self.train_step(*self.batch())
+            signum, out_of_time = self.stop_flags()
+            epoch_end = c.step % spe == 0
+            done = c.step >= self.total_steps
 
-    def append_metrics(rec: dict) -> None:
-        if main:
-            c.metrics_bytes = _append_metrics(metrics_path, rec)
+            if c.step % tr.log_every == 0 or epoch_end or done:
+                trip = self.log(lr)
+                if trip >= 0:  # the divergence guard
+                    target = self.rollback(trip, lr)
+                    if signum:
+                        raise Interrupted(signum, self.run_dir, c.step, target.path)
+                    continue  # out of time: stops after the next step, with a checkpoint of it
 
-    def check_replicas() -> dict:
-        """All ranks must hold the same weights (DDP's promise); checked at every checkpoint."""
-        prints = dist.gather_floats(fingerprint(list(model.parameters())))
-        if any(p != prints[0] for p in prints):
-            raise DistError(f"step {c.step}: the ranks' weights differ (fingerprints {prints}); "
-                            "the checkpoint is not written. Report this with the command line")
-        return {"world_size": dist.world_size, "fingerprints": prints}
+            side_start = time.perf_counter()  # sampling and checkpoints are kept out of images/s
+            self.sample(epoch_end, done)
+            self.checkpoint(signum != 0 or out_of_time, epoch_end, done)
+            self.window_start += time.perf_counter() - side_start
 
-    def save() -> Path:
-        if c.retreat is not None and c.step > c.retreat[1]:
-            c.retreat = None  # got past the step that diverged last time
-        opt_tensors, opt_meta = ck.optimizer_to_tensors(training.opt)
-        rng = {"cpu": torch.get_rng_state(), "noise": gen.get_state().cpu()}
-        if device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(device)
-        state = {"epoch": c.step / steps_per_epoch, "images_seen": c.images_seen, "ema_updates": ema.num_updates,
-                 "optimizer": opt_meta, "optimizer_name": training.opt_name, "skipped_steps": c.skipped,
-                 "rollbacks": c.rollbacks,
-                 "lr_scale": c.lr_scale, "last_loss": c.last_loss, "total_steps": total_steps,
-                 "steps_per_epoch": steps_per_epoch, "window_steps": c.window_steps, "window": stats.state_dict(),
-                 "metrics_bytes": c.metrics_bytes, "retreat": c.retreat, "seed": tr.seed,
-                 "precision": precision.name}
-        if scaler is not None:
-            state["scaler"] = scaler.state_dict()
-        replicas = check_replicas() if dist.distributed else None
-        if not main:
-            return run_dir / ck.CKPT_DIR / ck.checkpoint_name(c.step)
-        if replicas is not None:
-            state["ranks"] = replicas
-        path = ck.save_checkpoint(run_dir, c.step, {"model": model.state_dict(), "ema": ema.state_dict(),
-                                                    "optim": opt_tensors, "rng": rng}, state, tr.keep_last)
-        emit({"event": "checkpoint", "path": str(path), "step": c.step})
-        return path
+            # stop on a signal or at the time limit, after the checkpoint
+            if signum and not done:
+                raise Interrupted(signum, self.run_dir, c.step, self.last_ckpt)
+            if out_of_time and not done:
+                return self.result("time_limit")
+        if self.last_ckpt is None and c.step > 0:  # resumed a finished run: nothing to do
+            self.last_ckpt = ck.find_newest(self.run_dir).path
+        return self.result(None)
 
-    def rollback(trip: int, lr: float) -> ck.Checkpoint:
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x0, t, noise): this rank's rows of the global batch; t and noise drawn for the whole global
+        batch on every rank (same generator state everywhere), so they do not depend on the rank count."""
+        epoch, index = divmod(self.c.step, self.steps_per_epoch)
+        x0 = self.loader.batch(epoch, index)
+        gb, device = self.global_batch, self.device
+        t = torch.randint(0, self.spec.diffusion.timesteps, (gb,), device=device, generator=self.gen)[self.rows]
+        noise = torch.randn((gb, *x0.shape[1:]), device=device, generator=self.gen)[self.rows]
+        return x0, t, noise
+
+    def train_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> float:
+        """Forward / backward / update / EMA (no host sync; a non-finite step is skipped on the
+        device); returns the learning rate it took."""
+        c, op, training = self.c, self.op, self.training
+        # warm start (optim.warm_start_steps): SGD with momentum until then, AdamW with a fresh state after
+        if training.use_optimizer(optimizer_for(c.step, self.spec)):
+            self.emit({"event": "optimizer", "step": c.step, "name": training.opt_name,
+                       "message": f"step {c.step}: SGD warm start over, switching to AdamW with a fresh state"})
+        lr = get_lr(c.step, op.lr, op.warmup_steps) * c.lr_scale
+        with self.dist.guard():  # a rank that died shows up here first, as a failed all-reduce
+            loss, gnorm, finite = training.step(x0, t, noise, lr)
+        c.step += 1
+        c.images_seen += self.global_batch
+        c.window_steps += 1
+        self.stats.update(loss, gnorm, finite, c.step)
+        self.emit({"event": "tick", "step": c.step, "epoch": c.step / self.steps_per_epoch})
+        return lr
+
+    def stop_flags(self) -> tuple[int, bool]:
+        """(signal number or 0, out of time): read once (a signal from here on is handled next step),
+        and agreed by every rank; the time limit is a host clock check, so it costs no device sync."""
+        tr = self.tr
+        out_of_time = tr.time_limit is not None and time.monotonic() - PROCESS_START >= tr.time_limit
+        flags = self.dist.max_int((self.stop.signum or 0) | (_TIME_LIMIT_FLAG if out_of_time else 0))
+        return flags & (_TIME_LIMIT_FLAG - 1), bool(flags & _TIME_LIMIT_FLAG)
+
+    def log(self, lr: float) -> int:
+        """One metrics record: the only host-device sync, every log_every steps. Returns the step at
+        which a non-finite streak reached rollback_after, or -1."""
+        c = self.c
+        loss_sum, gnorm_sum, bad, _streak, trip = self.stats.read()
+        good = max(c.window_steps - bad, 1)
+        c.last_loss = loss_sum / good if bad < c.window_steps else float("nan")
+        elapsed = time.perf_counter() - self.window_start
+        self.images_per_s = c.window_steps * self.global_batch / max(elapsed, 1e-9)
+        c.skipped += bad
+        rec = {"step": c.step, "epoch": round(c.step / self.steps_per_epoch, 4), "loss": c.last_loss,
+               "grad_norm": gnorm_sum / good, "lr": lr, "images_per_s": round(self.images_per_s, 2),
+               "skipped": bad, "time": time.time()}
+        self.append_metrics(rec)
+        self.emit({"event": "log", **rec})
+        self.stats.reset_window()
+        c.window_steps, self.window_start = 0, time.perf_counter()
+        return trip
+
+    def sample(self, epoch_end: bool, done: bool) -> None:
+        """A fixed-seed grid every sample_every epochs and at the end (+ an EMA milestone)."""
+        c, tr, spe = self.c, self.tr, self.steps_per_epoch
+        sample_epoch = epoch_end and (c.step // spe) % tr.sample_every == 0
+        if (sample_epoch or done) and self.main:  # the other ranks go on and wait at the next all-reduce
+            n = c.step // spe if epoch_end else math.ceil(c.step / spe)
+            self.samples.append(str(_sample_grid(self.spec, self.run_dir, self.ema, self.device, self.precision, n,
+                                                 c.step, self.emit)))
+            if sample_epoch and tr.milestones:
+                ck.save_milestone(self.run_dir, n, c.step, self.ema.state_dict(), {"ema_updates": self.ema.num_updates})
+
+    def checkpoint(self, stopping: bool, epoch_end: bool, done: bool) -> None:
+        """Scheduled checkpoints wait while steps are non-finite (they would hold suspect weights);
+        stopping and the end always write one."""
+        c, tr = self.c, self.tr
+        scheduled = c.step % tr.checkpoint_every == 0 or epoch_end
+        if stopping or done or (scheduled and int(self.stats.streak.item()) == 0):
+            self.last_ckpt = self.save()
+        elif scheduled:
+            self.warn(f"step {c.step}: checkpoint postponed while training steps are non-finite")
+
+    def result(self, stopped: str | None) -> TrainResult:
+        c = self.c
+        return TrainResult(str(self.run_dir), c.step, round(c.step / self.steps_per_epoch, 4), c.last_loss,
+                           self.images_per_s, str(self.last_ckpt) if self.last_ckpt else None, c.skipped,
+                           self.samples, c.rollbacks, c.lr_scale, stopped, self.total_steps)
+
+    # ---------------------------------------------------------------------------------------------
+    # rollback and checkpoint writing
+    # ---------------------------------------------------------------------------------------------
+
+    def rollback(self, trip: int, lr: float) -> ck.Checkpoint:
         """`rollback_after` non-finite steps in a row: back to the newest checkpoint whose weights came
         before the streak (the weights do not change during it), with a smaller learning rate. Until
         the run gets past the step that diverged, a new divergence goes back further than the last."""
+        c, tr, run_dir = self.c, self.tr, self.run_dir
         k = tr.rollback_after
         if c.rollbacks >= tr.max_rollbacks:
             raise NonFiniteError(
@@ -430,121 +574,66 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
                 f"(learning rate now {lr:.3g}); lower optim.lr or raise optim.warmup_steps, then resume")
         before = trip - k if c.retreat is None else min(trip - k, c.retreat[0])
         try:
-            target = ck.find_newest(run_dir, on_warning=warn, before_step=before)
+            target = ck.find_newest(run_dir, on_warning=self.warn, before_step=before)
         except CheckpointError:
             raise NonFiniteError(
                 f"training diverged: {k} non-finite steps in a row at step {trip}, and no checkpoint from before "
                 f"step {before} to roll back to; lower optim.lr (now {lr:.3g}) or raise optim.warmup_steps"
             ) from None
-        agree_on(target, "roll back to")
+        self.agree_on(target, "roll back to")
         at = c.step
-        restore(target, everything=False)
-        c.lr_scale *= op.lr_backoff
+        self.restore(target, everything=False)
+        c.lr_scale *= self.op.lr_backoff
         c.rollbacks += 1
         c.retreat = (target.step, max(trip, c.retreat[1]) if c.retreat else trip)
-        dist.barrier()  # every rank has read the target before rank 0 removes what came after it
-        if main:
+        self.dist.barrier()  # every rank has read the target before rank 0 removes what came after it
+        if self.main:
             ck.discard_after(run_dir, target)
         rec = {"event": "rollback", "step": at, "to_step": target.step, "streak_from": trip - k + 1,
                "lr_scale": c.lr_scale, "rollbacks": c.rollbacks, "time": time.time()}
-        append_metrics(rec)
-        emit(rec)
+        self.append_metrics(rec)
+        self.emit(rec)
         return target
 
-    # ---- the loop
-    T = spec.diffusion.timesteps
-    window_start = time.perf_counter()
-    images_per_s: float | None = None
-    last_ckpt: Path | None = ckpt.path if ckpt else None
-    samples: list[str] = []
-    model.train()
-    while c.step < total_steps:
-        if c.step == start_step:  # a signal before the first step
-            early = dist.max_int(stop.signum or 0)
-            if early:
-                raise Interrupted(early, run_dir, c.step, None)
-        epoch, index = divmod(c.step, steps_per_epoch)
+    def append_metrics(self, rec: dict) -> None:
+        if self.main:
+            self.c.metrics_bytes = _append_metrics(self.metrics_path, rec)
 
-        # data: this rank's rows of the global batch; t and noise drawn for the whole global batch
-        # on every rank (same generator state everywhere), so they do not depend on the rank count
-        x0 = loader.batch(epoch, index)
-        t = torch.randint(0, T, (global_batch,), device=device, generator=gen)[rows]
-        noise = torch.randn((global_batch, *x0.shape[1:]), device=device, generator=gen)[rows]
+    def check_replicas(self) -> dict:
+        """All ranks must hold the same weights (DDP's promise); checked at every checkpoint."""
+        prints = self.dist.gather_floats(fingerprint(list(self.model.parameters())))
+        if any(p != prints[0] for p in prints):
+            raise DistError(f"step {self.c.step}: the ranks' weights differ (fingerprints {prints}); "
+                            "the checkpoint is not written. Report this with the command line")
+        return {"world_size": self.dist.world_size, "fingerprints": prints}
 
-        # warm start (optim.warm_start_steps): SGD with momentum until then, AdamW with a fresh state after
-        if training.use_optimizer(optimizer_for(c.step, spec)):
-            emit({"event": "optimizer", "step": c.step, "name": training.opt_name,
-                  "message": f"step {c.step}: SGD warm start over, switching to AdamW with a fresh state"})
-
-        # forward / backward / update / EMA (no host sync; a non-finite step is skipped on the device)
-        lr = get_lr(c.step, op.lr, op.warmup_steps) * c.lr_scale
-        with dist.guard():  # a rank that died shows up here first, as a failed all-reduce
-            loss, gnorm, finite = training.step(x0, t, noise, lr)
-        c.step += 1
-        c.images_seen += global_batch
-        c.window_steps += 1
-        stats.update(loss, gnorm, finite, c.step)
-        emit({"event": "tick", "step": c.step, "epoch": c.step / steps_per_epoch})
-        # read once (a signal from here on is handled next step), and agreed by every rank; the time
-        # limit is a host clock check, so it costs no device sync
-        out_of_time = tr.time_limit is not None and time.monotonic() - PROCESS_START >= tr.time_limit
-        flags = dist.max_int((stop.signum or 0) | (_TIME_LIMIT_FLAG if out_of_time else 0))
-        signum, out_of_time = flags & (_TIME_LIMIT_FLAG - 1), bool(flags & _TIME_LIMIT_FLAG)
-        stopping = signum != 0 or out_of_time
-        epoch_end = c.step % steps_per_epoch == 0
-        done = c.step >= total_steps
-
-        # log: the only host-device sync, every log_every steps; then the divergence guard
-        if c.step % tr.log_every == 0 or epoch_end or done:
-            loss_sum, gnorm_sum, bad, _streak, trip = stats.read()
-            good = max(c.window_steps - bad, 1)
-            c.last_loss = loss_sum / good if bad < c.window_steps else float("nan")
-            elapsed = time.perf_counter() - window_start
-            images_per_s = c.window_steps * global_batch / max(elapsed, 1e-9)
-            c.skipped += bad
-            rec = {"step": c.step, "epoch": round(c.step / steps_per_epoch, 4), "loss": c.last_loss,
-                   "grad_norm": gnorm_sum / good, "lr": lr, "images_per_s": round(images_per_s, 2),
-                   "skipped": bad, "time": time.time()}
-            append_metrics(rec)
-            emit({"event": "log", **rec})
-            stats.reset_window()
-            c.window_steps, window_start = 0, time.perf_counter()
-            if trip >= 0:
-                target = rollback(trip, lr)
-                if signum:
-                    raise Interrupted(signum, run_dir, c.step, target.path)
-                continue  # out of time: stops after the next step, with a checkpoint of it
-
-        # sample: a fixed-seed grid every sample_every epochs and at the end (+ an EMA milestone)
-        side_start = time.perf_counter()  # sampling and checkpoints are kept out of images/s
-        sample_epoch = epoch_end and (c.step // steps_per_epoch) % tr.sample_every == 0
-        if (sample_epoch or done) and main:  # the other ranks go on and wait at the next all-reduce
-            n = c.step // steps_per_epoch if epoch_end else math.ceil(c.step / steps_per_epoch)
-            samples.append(str(_sample_grid(spec, run_dir, ema, device, precision, n, c.step, emit)))
-            if sample_epoch and tr.milestones:
-                ck.save_milestone(run_dir, n, c.step, ema.state_dict(), {"ema_updates": ema.num_updates})
-
-        # checkpoint: scheduled ones wait while steps are non-finite (they would hold suspect weights)
-        scheduled = c.step % tr.checkpoint_every == 0 or epoch_end
-        if stopping or done or (scheduled and int(stats.streak.item()) == 0):
-            last_ckpt = save()
-        elif scheduled:
-            warn(f"step {c.step}: checkpoint postponed while training steps are non-finite")
-        window_start += time.perf_counter() - side_start
-
-        # stop on a signal or at the time limit, after the checkpoint
-        if signum and not done:
-            raise Interrupted(signum, run_dir, c.step, last_ckpt)
-        if out_of_time and not done:
-            return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
-                               str(last_ckpt), c.skipped, samples, c.rollbacks, c.lr_scale, "time_limit",
-                               total_steps)
-
-    if last_ckpt is None and c.step > 0:  # resumed a finished run: nothing to do
-        last_ckpt = ck.find_newest(run_dir).path
-    return TrainResult(str(run_dir), c.step, round(c.step / steps_per_epoch, 4), c.last_loss, images_per_s,
-                       str(last_ckpt) if last_ckpt else None, c.skipped, samples, c.rollbacks, c.lr_scale,
-                       None, total_steps)
+    def save(self) -> Path:
+        """A checkpoint of everything the next step depends on (rank 0 writes it; on the other
+        ranks: its path)."""
+        c, tr, device, training = self.c, self.tr, self.device, self.training
+        if c.retreat is not None and c.step > c.retreat[1]:
+            c.retreat = None  # got past the step that diverged last time
+        opt_tensors, opt_meta = ck.optimizer_to_tensors(training.opt)
+        rng = {"cpu": torch.get_rng_state(), "noise": self.gen.get_state().cpu()}
+        if device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(device)
+        state = {"epoch": c.step / self.steps_per_epoch, "images_seen": c.images_seen,
+                 "ema_updates": self.ema.num_updates, "optimizer": opt_meta, "optimizer_name": training.opt_name,
+                 "skipped_steps": c.skipped, "rollbacks": c.rollbacks, "lr_scale": c.lr_scale,
+                 "last_loss": c.last_loss, "total_steps": self.total_steps, "steps_per_epoch": self.steps_per_epoch,
+                 "window_steps": c.window_steps, "window": self.stats.state_dict(), "metrics_bytes": c.metrics_bytes,
+                 "retreat": c.retreat, "seed": tr.seed, "precision": self.precision.name}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        replicas = self.check_replicas() if self.dist.distributed else None
+        if not self.main:
+            return self.run_dir / ck.CKPT_DIR / ck.checkpoint_name(c.step)
+        if replicas is not None:
+            state["ranks"] = replicas
+        path = ck.save_checkpoint(self.run_dir, c.step, {"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                                                         "optim": opt_tensors, "rng": rng}, state, tr.keep_last)
+        self.emit({"event": "checkpoint", "path": str(path), "step": c.step})
+        return path
 
 
 class _Window(BaseModel):
@@ -563,7 +652,7 @@ class _OptimState(BaseModel):
 
 
 class TrainState(BaseModel):
-    """The types of the state.json fields `resume` reads back (what ``save()`` in :func:`run` writes);
+    """The types of the state.json fields `resume` reads back (what :meth:`_Trainer.save` writes);
     fields of older checkpoints that lack one take its default."""
 
     model_config = ConfigDict(strict=True, extra="allow")

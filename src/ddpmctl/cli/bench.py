@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, info, print_json, warn
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, command_device, info, print_json, warn
 from ddpmctl.spec import PRESETS
 
 
@@ -75,8 +75,8 @@ def bench(
         elif e.get("message"):
             info(e["message"])
 
-    r = benchmod.run(preset, device=device or "auto", batch_size=batch_size, steps=steps, warmup=warmup,
-                     repeats=repeats, sample_batch_size=sample_batch_size, sample_steps=sample_steps,
+    r = benchmod.run(preset, device=command_device(device, backend=False), batch_size=batch_size, steps=steps,
+                     warmup=warmup, repeats=repeats, sample_batch_size=sample_batch_size, sample_steps=sample_steps,
                      compile=compile, precision=precision, train=only != "sample", sample=only != "train",
                      emit=on_event)
     if as_json:

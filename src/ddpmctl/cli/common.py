@@ -151,6 +151,20 @@ def error(msg: str) -> None:
     err_console.print(f"[bold red]error:[/] {escape(msg)}", highlight=False, soft_wrap=True)
 
 
+def command_device(name: Optional[str], *, deterministic: bool = False, backend: bool = True):
+    """The one place a command resolves its --device (``ddpmctl.devices.resolve``: None is auto) into
+    the ``torch.device`` it hands the library, and sets the process's backend flags
+    (``ddpmctl.devices.set_fast_math``) for it. ``backend=False`` for train, resume and bench: training's
+    setup sets them from the run's ``train.deterministic`` (for library callers too), and bench sets them
+    as training does."""
+    from ddpmctl.devices import resolve, set_fast_math
+
+    device = resolve(name)
+    if backend:
+        set_fast_math(device, deterministic)
+    return device
+
+
 def print_json(obj: Any) -> None:
     """One JSON object on stdout."""
     sys.stdout.write(json.dumps(obj, indent=None, default=str) + "\n")

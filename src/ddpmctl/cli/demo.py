@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, app, info, warn
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, app, command_device, info, warn
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -35,10 +35,10 @@ def demo(
     from ddpmctl.demo import Limits, build_app, launch, require_gradio
 
     require_gradio()  # before loading anything: without the extra, exit 1 with the install command
-    from ddpmctl.devices import choose_device, choose_precision
+    from ddpmctl.devices import choose_precision
     from ddpmctl.modelfolder import load_source
 
-    dev = choose_device(device or "auto")
+    dev = command_device(device)
     prec = choose_precision(precision, dev)
     den = load_source(source, use_ema=not no_ema, device=dev, on_warning=info)
     # The flags that change the pixels, for the `ddpmctl sample` command shown under the images.

@@ -8,7 +8,7 @@ from typing import Annotated, Literal, Optional
 import typer
 from rich.markup import escape
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, SamplerOpt, app, info, print_json, warn
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, SamplerOpt, app, command_device, info, print_json, warn
 
 def _n(x: int) -> str:
     return f"{x:,}"
@@ -92,7 +92,7 @@ def eval_cmd(
     opts = EvalOptions(metrics=parse_metrics(metric), data=data, split=split, n=n, sampler=sampler, steps=steps,
                        eta=eta, variance=variance, seed=seed, batch_size=batch_size, stride=stride,
                        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, inception_weights=inception_weights,
-                       device=device or "auto", precision=precision, use_ema=not no_ema, data_root=data_root,
+                       device=command_device(device), precision=precision, use_ema=not no_ema, data_root=data_root,
                        log=not no_log)
     from ddpmctl.cli.progress import ProgressView
 

@@ -7,7 +7,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, app, info, print_json
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, app, command_device, info, print_json
 
 Dtype = Literal["fp32", "fp16", "bf16"]
 Format = Literal["safetensors", "onnx"]
@@ -48,7 +48,6 @@ def export(
     """
     from ddpmctl import checkpoint as ck
     from ddpmctl.cli.progress import ProgressView
-    from ddpmctl.devices import choose_device
     from ddpmctl.export import export_model_folder
     from ddpmctl.outdir import check_out_dir
 
@@ -58,7 +57,7 @@ def export(
     out = out if out is not None else Path(run_dir) / "export"
     ck.check_run_dir(Path(run_dir))  # both refusals before the message that announces the work
     check_out_dir(out, overwrite, reading=[run_dir], model_folder=True)
-    dev = choose_device(device or "auto")
+    dev = command_device(device)
     info(f"exporting {run_dir} to {out} ({dtype}, {'raw' if no_ema else 'EMA'} weights); drawing samples.png")
     with ProgressView(quiet) as view, view.phase("export"):
         res = export_model_folder(Path(run_dir), out, dtype=dtype, use_ema=not no_ema, license=license,

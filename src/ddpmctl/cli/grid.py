@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, SamplerOpt, app, info, warn
+from ddpmctl.cli.common import DeviceOpt, SamplerOpt, app, command_device, info, warn
 
 
 @app.command(epilog="Examples:\n\n  ddpmctl grid faces/ --out faces.png\n\n"
@@ -91,13 +91,12 @@ def _evolution(run_dir: Path, n: int):
 def _trajectory(run_dir: Path, n: int, frames: int, sampler: str, steps, seed: int, device, gif: Path | None):
     import torch
 
-    from ddpmctl.devices import choose_device
     from ddpmctl.generate import generate, run_defaults
     from ddpmctl.modelfolder import load_source
     from ddpmctl.images import make_grid, save_gif, to_uint8
     from ddpmctl.sampler_registry import get_sampler
 
-    dev = choose_device(device or "auto")
+    dev = command_device(device)
     den = load_source(run_dir, device=dev, on_warning=info)
     sampler, run_steps, eta = run_defaults(den.spec, sampler)  # as `ddpmctl sample` draws
     steps = get_sampler(sampler).lenient_steps(den.spec.diffusion.timesteps, steps or run_steps, warn)

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, info, print_json
+from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, command_device, info, print_json
 from ddpmctl.cli.export import Dtype, human_size
 
 
@@ -39,10 +39,9 @@ def hub_push(
 
     A run directory is exported into a temporary folder first; nothing is written into the run.
     """
-    from ddpmctl.devices import choose_device
     from ddpmctl.push import push
 
-    dev = choose_device(device or "auto")
+    dev = command_device(device)
     res = push(source, repo_id=repo_id, private=private, revision=revision, commit_message=commit_message,
                dry_run=dry_run, dtype=dtype, use_ema=not no_ema, license=license, device=dev, on_warning=info)
     if as_json:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, app
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, app, command_device
 from ddpmctl.cli.train import NprocOpt, TimeLimitOpt, join_job, launch_workers, parse_time_limit, run_training
 
 
@@ -39,10 +39,11 @@ def resume(
 
     limit = parse_time_limit(time_limit)
     run_dir = ck.check_run_dir(run_dir)
-    job = join_job(device or specmod.load(run_dir / "spec.json").train.device)
+    dev = command_device(device or specmod.load(run_dir / "spec.json").train.device, backend=False)  # set by training
+    job = join_job(dev)
     if not job.is_main:  # rank 0 checks and updates spec.json; the others read what it wrote
         job.barrier()
-        run_training(specmod.load(run_dir / "spec.json"), run_dir, resume=True, as_json=as_json,
+        run_training(specmod.load(run_dir / "spec.json"), run_dir, dev, resume=True, as_json=as_json,
                      data_root=data_root, job=job, quiet=quiet)
         return
     with RunLock(run_dir, on_warning=warn):  # before spec.json may be rewritten; run() re-enters it
@@ -77,6 +78,6 @@ def resume(
             specmod.save(new, run_dir / "spec.json")
         if nproc is None or nproc == 1:
             job.barrier()
-            run_training(new, run_dir, resume=True, as_json=as_json, data_root=data_root, job=job, quiet=quiet)
+            run_training(new, run_dir, dev, resume=True, as_json=as_json, data_root=data_root, job=job, quiet=quiet)
             return
-    launch_workers(nproc, new.train.device, [], new.train.batch_size)  # lock released: rank 0 takes it
+    launch_workers(nproc, dev, [], new.train.batch_size)  # lock released: rank 0 takes it

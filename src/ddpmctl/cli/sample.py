@@ -10,7 +10,8 @@ from typing import Annotated, Iterator, Literal, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, SamplerOpt, app, info, print_json, warn
+from ddpmctl.cli.common import (PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, SamplerOpt, app, command_device, info,
+                                print_json, warn)
 from ddpmctl.cli.train import NprocOpt
 
 @app.command(epilog="Examples:\n\n  ddpmctl sample --n 100 --out faces/\n\n"
@@ -46,7 +47,7 @@ def sample(
     from ddpmctl import __version__
     from ddpmctl.cli.progress import ProgressView
     from ddpmctl.cli.train import join_job, launch_workers
-    from ddpmctl.devices import choose_device, choose_precision, describe
+    from ddpmctl.devices import choose_precision, describe
     from ddpmctl.dist import rank_device
     from ddpmctl.generate import compile_pays_off, generate, run_defaults
     from ddpmctl.hub import HF_PREFIX
@@ -65,10 +66,11 @@ def sample(
 
             add = [str(newest_run().resolve())]
         load_source(add[0] if add else source, use_ema=not no_ema, device="cpu")  # a bad SOURCE: one message
-        launch_workers(nproc, device, add)  # exits with the workers' code
-    job = join_job(device)
+        launch_workers(nproc, command_device(device), add)  # exits with the workers' code
+    asked = command_device(device)  # (with --nproc: in each worker)
+    job = join_job(asked)
     say = info if job.is_main else (lambda _m: None)
-    dev = rank_device(choose_device(device or "auto"), job)
+    dev = rank_device(asked, job)
     prec = choose_precision(precision, dev)
     den = load_source(source, use_ema=not no_ema, device=dev, on_warning=say)
     sampler, run_steps, run_eta = run_defaults(den.spec, sampler)  # the run's spec.sample, else the usual

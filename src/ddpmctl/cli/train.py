@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, app, info, print_json
+from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, app, command_device, info, print_json
 from ddpmctl.errors import UsageError
 from ddpmctl.spec import PRESETS
 
@@ -57,24 +57,24 @@ NprocOpt = Annotated[Optional[int], typer.Option(
     "Across machines: `torchrun ... -m ddpmctl COMMAND ...` (docs/distributed.md).")]
 
 
-def join_job(device: Optional[str]):
-    """This process's :class:`ddpmctl.dist.Dist`: a rank of the torchrun job that started it, or the
+def join_job(device):
+    """This process's :class:`ddpmctl.dist.Dist` on ``device`` (resolved by
+    :func:`ddpmctl.cli.common.command_device`): a rank of the torchrun job that started it, or the
     single process."""
     from ddpmctl import dist
-    from ddpmctl.devices import choose_device
 
     if not dist.launched():
         return dist.SINGLE
-    return dist.from_env(choose_device(device or "auto"))
+    return dist.from_env(device)
 
 
-def launch_workers(nproc: int, device: Optional[str], add: list[str], global_batch: Optional[int] = None) -> None:
-    """Re-run this command line in ``nproc`` workers (without --nproc, plus ``add``); exit with their code.
+def launch_workers(nproc: int, dev, add: list[str], global_batch: Optional[int] = None) -> None:
+    """Re-run this command line in ``nproc`` workers (without --nproc, plus ``add``) on the resolved
+    device ``dev``; exit with their code.
 
     ``global_batch`` (training): must split evenly over the workers, checked before any starts."""
     from ddpmctl import dist
     from ddpmctl.cli.common import error
-    from ddpmctl.devices import choose_device
     from ddpmctl.launch import launch, worker_argv
 
     if dist.launched():
@@ -82,7 +82,6 @@ def launch_workers(nproc: int, device: Optional[str], add: list[str], global_bat
                           "--nproc-per-node says how many)")
     if global_batch is not None:
         dist.check_batch(global_batch, nproc)
-    dev = choose_device(device or "auto")
     if dev.type not in ("cuda", "cpu"):
         raise UsageError(f"--nproc runs on CUDA (NCCL) or the CPU (gloo), not {dev.type}; add --device cpu")
     if dev.type == "cuda":
@@ -98,10 +97,11 @@ def launch_workers(nproc: int, device: Optional[str], add: list[str], global_bat
     sys.exit(result.exit_code)
 
 
-def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root: Optional[Path], job=None,
-                 quiet: bool = False) -> None:
-    """Run the loop with a progress display; signals stop it cleanly (exit 130/143, one line on how to
-    resume), a second Ctrl-C at once (the newest complete checkpoint is never left broken).
+def run_training(spec, run_dir: Path, device, *, resume: bool, as_json: bool, data_root: Optional[Path],
+                 job=None, quiet: bool = False) -> None:
+    """Run the loop on ``device`` (:func:`ddpmctl.cli.common.command_device`) with a progress display;
+    signals stop it cleanly (exit 130/143, one line on how to resume), a second Ctrl-C at once (the
+    newest complete checkpoint is never left broken).
 
     In a distributed job (``job``), every rank runs this; only rank 0 shows progress and prints."""
     from ddpmctl import dist
@@ -113,7 +113,7 @@ def run_training(spec, run_dir: Path, *, resume: bool, as_json: bool, data_root:
     try:
         with signals_to(stop, quiet=not job.is_main), ProgressView(quiet, silent=not job.is_main) as progress:
             result = run(spec, run_dir, resume=resume, on_event=progress, stop=stop, data_root=data_root,
-                         dist=job)
+                         dist=job, device=device)
     except Interrupted as exc:
         if not job.is_main:
             sys.exit(exc.exit_code)
@@ -217,19 +217,20 @@ def train(
         dry_run_report(spec, as_json, data_root)
         return
     run_dir = make_run_dir(spec, out)
+    dev = command_device(spec.train.device, backend=False)  # training's setup sets the backend flags
     if nproc is not None and nproc > 1:
-        launch_workers(nproc, spec.train.device, ["--out", str(run_dir)], spec.train.batch_size)
-    job = join_job(spec.train.device)
+        launch_workers(nproc, dev, ["--out", str(run_dir)], spec.train.batch_size)
+    job = join_job(dev)
     run_dir = Path(job.broadcast(str(run_dir)))  # under torchrun without --out: rank 0's timestamped name
-    run_training(spec, run_dir, resume=False, as_json=as_json, data_root=data_root, job=job, quiet=quiet)
+    run_training(spec, run_dir, dev, resume=False, as_json=as_json, data_root=data_root, job=job, quiet=quiet)
 
 
-def run_estimate(spec, data_root: Optional[Path]) -> tuple[Optional[dict], Optional[str]]:
-    """(estimate, why not): the whole run's wall time from a few timed real steps (see
+def run_estimate(spec, dev, data_root: Optional[Path]) -> tuple[Optional[dict], Optional[str]]:
+    """(estimate, why not): the whole run's wall time on ``dev`` from a few timed real steps (see
     :func:`ddpmctl.bench.estimate_step_seconds`). The step count needs the image count unless
     --max-steps gives it, so data that is not prepared yet is not downloaded for it."""
     from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
-    from ddpmctl.devices import choose_device, choose_precision, set_fast_math
+    from ddpmctl.devices import choose_precision
     from ddpmctl.errors import DdpmctlError
 
     tr = spec.train
@@ -245,8 +246,6 @@ def run_estimate(spec, data_root: Optional[Path]) -> tuple[Optional[dict], Optio
         total = tr.epochs * max(1, n // min(tr.batch_size, n))
     if total <= ESTIMATE_MIN_STEPS:
         return None, f"{total} steps: too short a run to be worth timing"
-    dev = choose_device(tr.device)
-    set_fast_math(dev, tr.deterministic or dev.type == "cpu")
     est = estimate_step_seconds(spec, dev, choose_precision(tr.precision, dev))
     return {**est, "steps": total, "seconds": est["step_seconds"] * total}, None
 
@@ -256,14 +255,14 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
     the device is refused here as the real run would refuse it (exit 2), assuming the data has
     batch_size images."""
     from ddpmctl.cli.progress import describe_estimate
-    from ddpmctl.devices import choose_device, choose_precision, describe, device_info
+    from ddpmctl.devices import choose_precision, describe, device_info
     from ddpmctl.memory import check_fits, human
 
-    dev = choose_device(spec.train.device)
+    dev = command_device(spec.train.device, deterministic=spec.train.deterministic)  # as training sets them
     precision = choose_precision(spec.train.precision, dev).name  # "auto" resolved for this device
     mem = check_fits(spec, dev, precision)
     n = mem.parameters
-    estimate, why_not = run_estimate(spec, data_root)
+    estimate, why_not = run_estimate(spec, dev, data_root)
     report = {"spec": spec.model_dump(mode="json"), "parameters": n, "device": device_info(dev),
               "precision": precision,
               "memory": mem.to_dict(), "estimate": estimate, **({"estimate_skipped": why_not} if why_not else {})}
