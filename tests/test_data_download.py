@@ -374,6 +374,7 @@ def test_celeba_hub_down_and_torchvision_fails(hub, root, monkeypatch, torchvisi
     assert "Hub" in msg and "torchvision" in msg and "pip install gdown" not in msg
     assert "ddpmctl train ./img_align_celeba/ --preset celeba" in msg and "DDPMCTL_DATA" in msg
     assert list_prepared(root) == []
+    assert not (root / ".cache" / "torchvision").exists()  # no empty cache folders left behind
 
 
 # ----------------------------------------------------------------------------- torchvision format (MNIST files on disk)

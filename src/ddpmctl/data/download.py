@@ -7,7 +7,9 @@ array files and returns at once (``already_prepared=True``) without touching the
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -230,6 +232,31 @@ def download(source: str, *, root: Path | str | None = None, name: str | None = 
     kind, val = classify(source)
     if kind == "builtin":
         raise UsageError(f"{val} is built in: it is generated when used and needs no download")
+    with _no_new_empty_caches(root):
+        return _dispatch(source, kind, val, root, name, size, channels, split, column, sha256, crop, force, on_event)
+
+
+@contextlib.contextmanager
+def _no_new_empty_caches(root: Path):
+    """A failed download leaves none of the cache folders it made (ROOT/.cache/hf, .../torchvision)
+    behind empty; what holds files (a partly fetched mirror to resume from) stays."""
+    cache = root / ".cache"
+    before = {p.name for p in cache.iterdir()} if cache.is_dir() else None
+    try:
+        yield
+    except BaseException:
+        if cache.is_dir() and not cache.is_symlink():
+            for p in cache.iterdir():
+                new = before is None or p.name not in before
+                if new and p.is_dir() and not p.is_symlink() and not any(f.is_file() for f in p.rglob("*")):
+                    shutil.rmtree(p, ignore_errors=True)
+            if before is None and not any(cache.iterdir()):
+                cache.rmdir()
+        raise
+
+
+def _dispatch(source, kind, val, root, name, size, channels, split, column, sha256, crop, force,
+              on_event) -> DownloadResult:
     if kind == "name":
         if not Path(val).exists():
             raise not_found(source, root)
