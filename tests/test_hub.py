@@ -172,6 +172,7 @@ def test_no_token_exits_1_with_how_to_log_in(trained_run, cli, tmp_path, monkeyp
     r = cli("hub-push", "runs/tiny", env={"HF_HUB_OFFLINE": "0"})  # HF_HOME is empty: no login cache
     assert r.returncode == 1
     assert "no Hugging Face token" in r.stderr and "hf auth login" in r.stderr and "HF_TOKEN" in r.stderr
+    assert "pipx run --spec huggingface_hub hf auth login" in r.stderr  # `hf` is not on PATH under pipx
     assert "Traceback" not in r.stderr and r.stdout == ""
     assert not (tmp_path / "runs" / "tiny" / "export").exists()
 

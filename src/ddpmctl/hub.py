@@ -26,8 +26,9 @@ DOWNLOAD_PATTERNS = ["*.safetensors", "*.json", "*.md", "*.png"]
 # What a model folder may carry to the Hub.
 UPLOAD_PATTERNS = DOWNLOAD_PATTERNS + ["*.onnx", "*.onnx.data"]
 HF_PREFIX = "hf:"
-LOGIN_HELP = ("log in with `hf auth login` (or `huggingface-cli login`), or set HF_TOKEN to a token "
-              "with write access from https://huggingface.co/settings/tokens")
+# `hf` is not on PATH when ddpmctl came with pipx: HF_TOKEN, or pipx running the Hub's own CLI, work there.
+LOGIN_HELP = ("set HF_TOKEN to a token with write access from https://huggingface.co/settings/tokens, or log in "
+              "once with `hf auth login` (installed with pipx: `pipx run --spec huggingface_hub hf auth login`)")
 
 
 def parse_hf(source: str) -> tuple[str, str | None]:
