@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import io
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,38 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def randomise(module):
+    """``module`` with every parameter drawn from N(0, 0.1^2), seeded: a network whose output is not trivial."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0.0, 0.1)
+    return module
+
+
+# A tiny run: 0.35M parameters, 4 steps; sample grids with 2 DDIM steps keep every export fast.
+TRAIN_ARGS = ["train", "shapes", "--max-steps", "4", "--batch-size", "8", "--set", "model.base_channels=16",
+              "--set", "model.groups=8", "--set", "sample.sampler=ddim", "--set", "sample.eta=0",
+              "--set", "sample.steps=2", "--set", "sample.grid_size=4",
+              "--sample-every", "1", "--seed", "3"]
+FOLDER_FILES = {"model.safetensors", "config.json", "README.md", "samples.png"}  # what `export` writes
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """runs/tiny: a real run trained by the CLI, exported once to runs/tiny/export. Read-only: copy to mutate."""
+    base = tmp_path_factory.mktemp("trained")
+    env = {"DDPMCTL_DATA": str(base / "data-root"), "HF_HOME": str(base / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    r = run_cli(*TRAIN_ARGS, "--out", "runs/tiny", cwd=base, env=env)
+    assert r.returncode == 0, r.stderr
+    r = run_cli("export", "runs/tiny", "--json", cwd=base, env=env)
+    assert r.returncode == 0, r.stderr
+    return base / "runs" / "tiny"
+
+
+def copy_run(run: Path, dest: Path, with_export: bool = False) -> Path:
+    """A copy of ``run`` (``trained_run``) to mutate; without its export folder unless asked."""
+    shutil.copytree(run, dest, ignore=None if with_export else shutil.ignore_patterns("export"))
+    return dest

@@ -1,10 +1,9 @@
 """`ddpmctl export` and sampling from model folders: the folder's content, its card, the round trip
-export -> sample, pickle refusal, ONNX. One tiny run is trained once per session (CLI, CPU)."""
+export -> sample, pickle refusal, ONNX. One tiny run is trained once per session (CLI, CPU; conftest.trained_run)."""
 
 from __future__ import annotations
 
 import json
-import os
 import shlex
 import shutil
 import sys
@@ -15,46 +14,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from conftest import FOLDER_FILES, copy_run
 from ddpmctl import __version__
-
-# A tiny run: 0.35M parameters, 4 steps; sample grids with 2 DDIM steps keep every export fast.
-TRAIN_ARGS = ["train", "shapes", "--max-steps", "4", "--batch-size", "8", "--set", "model.base_channels=16",
-              "--set", "model.groups=8", "--set", "sample.sampler=ddim", "--set", "sample.eta=0",
-              "--set", "sample.steps=2", "--set", "sample.grid_size=4",
-              "--sample-every", "1", "--seed", "3"]
-FOLDER_FILES = {"model.safetensors", "config.json", "README.md", "samples.png"}
-
-
-def _run_cli(*args: str, cwd: Path, env: dict | None = None):
-    import subprocess
-
-    full = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "ddpmctl", *args], cwd=cwd, env=full, capture_output=True,
-                          text=True, timeout=600)
-
-
-_SESSION: dict[str, Path] = {}  # test_hub.py imports the fixture too: train once, not once per module
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> Path:
-    """runs/tiny: a real run trained by the CLI, exported once to runs/tiny/export. Read-only: copy to mutate."""
-    if "run" in _SESSION:
-        return _SESSION["run"]
-    base = tmp_path_factory.mktemp("trained")
-    env = {"DDPMCTL_DATA": str(base / "data-root"), "HF_HOME": str(base / "hf-home"), "HF_HUB_OFFLINE": "1"}
-    r = _run_cli(*TRAIN_ARGS, "--out", "runs/tiny", cwd=base, env=env)
-    assert r.returncode == 0, r.stderr
-    r = _run_cli("export", "runs/tiny", "--json", cwd=base, env=env)
-    assert r.returncode == 0, r.stderr
-    _SESSION["run"] = base / "runs" / "tiny"
-    return _SESSION["run"]
-
-
-def copy_run(run: Path, dest: Path, with_export: bool = False) -> Path:
-    shutil.copytree(run, dest, ignore=None if with_export else shutil.ignore_patterns("export"))
-    return dest
-
 
 def _images(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.png"))}

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_main
-from test_export import copy_run, trained_run  # noqa: F401 - the session fixture
+from conftest import copy_run, run_main
 
 from ddpmctl import checkpoint as ck
 from ddpmctl.errors import CheckpointError, SymlinkError, UsageError

@@ -11,11 +11,9 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from conftest import run_main
+from conftest import FOLDER_FILES, copy_run, run_main
 import torch
 from safetensors.torch import load_file
-
-from test_export import FOLDER_FILES, copy_run, trained_run  # noqa: F401 - the session fixture
 
 TOKEN = "hf_test_token_123"
 

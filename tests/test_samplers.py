@@ -12,17 +12,20 @@ from ddpmctl.diffusion import Schedule
 from ddpmctl.errors import NonFiniteError, UsageError
 from ddpmctl.samplers import (
     LAMBDA_MIN,
+    PerImageNoise,
     ddim_sample,
     ddim_timesteps,
     ddpm_sample,
     dpm_solver_pp_sample,
     dpm_solver_timesteps,
+    noise_chunk_steps,
     per_image_generators,
     randn_per_image,
     sample,
 )
 
-pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+# The tests marked numerics run again with the AVX2 cap in .ci/run (issue 18); the others do not.
+NUMERICS = pytest.mark.numerics
 
 F64 = torch.float64
 SHAPE = (1, 16, 16)  # 256 independent "pixels" per image; statistics pool over images and pixels
@@ -103,6 +106,7 @@ def cos() -> Schedule:
 # --- randomness -------------------------------------------------------------------------------
 
 
+@NUMERICS
 def test_randn_per_image_depends_only_on_the_image_seed() -> None:
     batch = randn_per_image(per_image_generators([10, 11, 12], "cpu"), (3, 4, 4), "cpu")
     alone = randn_per_image(per_image_generators([11], "cpu"), (3, 4, 4), "cpu")
@@ -118,6 +122,7 @@ def test_randn_per_image_depends_only_on_the_image_seed() -> None:
 
 @pytest.mark.parametrize("spacing", ["uniform", "quadratic"])
 @pytest.mark.parametrize("steps", [1, 2, 10, 50, 999, 1000])
+@NUMERICS
 def test_ddim_timesteps_are_distinct_descending_and_span_the_process(spacing: str, steps: int) -> None:
     ts = ddim_timesteps(1000, steps, spacing)  # type: ignore[arg-type]
     assert len(ts) == steps and ts[0] == 999
@@ -126,6 +131,7 @@ def test_ddim_timesteps_are_distinct_descending_and_span_the_process(spacing: st
         assert ts[-1] == 0
 
 
+@NUMERICS
 def test_ddim_timestep_spacings() -> None:
     uni = ddim_timesteps(1000, 10, "uniform")
     assert uni == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
@@ -138,6 +144,7 @@ def test_ddim_timestep_spacings() -> None:
             ddim_timesteps(1000, bad)
 
 
+@NUMERICS
 def test_dpm_solver_timesteps(lin: Schedule, cos: Schedule) -> None:
     ts = dpm_solver_timesteps(lin, 10, "logSNR")
     assert len(ts) == 10 and ts[0] == 999 and ts[-1] == 0
@@ -151,6 +158,7 @@ def test_dpm_solver_timesteps(lin: Schedule, cos: Schedule) -> None:
         assert len(ts) == n and ts[0] == 999 and ts[-1] == 0 and all(a > b for a, b in pairwise(ts))
 
 
+@NUMERICS
 def test_dpm_solver_logsnr_steps_skip_the_signal_free_end_of_the_cosine_schedule(lin: Schedule, cos: Schedule) -> None:
     """lambda(T-1) of the cosine schedule is -9.9 (-5.1 at t = 995): evenly spaced over the whole range, 7 of
     20 steps fell at t >= 993 (alpha < 0.01). Below LAMBDA_MIN only the first step remains (at T-1)."""
@@ -182,6 +190,7 @@ def test_dpm_solver_logsnr_steps_skip_the_signal_free_end_of_the_cosine_schedule
     ],
 )
 @pytest.mark.parametrize("prediction", ["eps", "v"])
+@NUMERICS
 def test_deterministic_samplers_converge_to_the_exact_flow(
     lin: Schedule, sampler: str, spacing: str, step_counts: tuple[int, ...], final_tol: float, prediction: str
 ) -> None:
@@ -207,6 +216,7 @@ def test_deterministic_samplers_converge_to_the_exact_flow(
         assert errors[2] < errors[1] / 8, errors  # 4x the steps, >= 8x smaller: better than first order
 
 
+@NUMERICS
 def test_v_and_eps_models_give_the_same_samples(cos: Schedule) -> None:
     """The same exact model in both parameterisations must give the same trajectory."""
     x_T, gens = draw(8)
@@ -216,6 +226,7 @@ def test_v_and_eps_models_give_the_same_samples(cos: Schedule) -> None:
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)
 
 
+@NUMERICS
 def test_dpm_solver_pp_on_cosine_schedule(cos: Schedule) -> None:
     sd = 0.4
     x_T, gens = draw(48)
@@ -237,6 +248,7 @@ def _stats(x: torch.Tensor, sd: float) -> tuple[float, float]:
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
+@NUMERICS
 def test_ddpm_reproduces_gaussian_data(kind: str) -> None:
     s, sd = Schedule.create(kind, 1000), 0.4
     x_T, gens = draw(64)
@@ -252,6 +264,7 @@ def test_ddpm_reproduces_gaussian_data(kind: str) -> None:
     assert small_err < std_err
 
 
+@NUMERICS
 def test_ddim_eta1_with_all_steps_is_ddpm(lin: Schedule) -> None:
     """Song et al. 2021: eta = 1 over all T steps is the DDPM sampler with beta_tilde (and, here, the same draws)."""
     model = gaussian_model(lin, 0.4)
@@ -265,6 +278,7 @@ def test_ddim_eta1_with_all_steps_is_ddpm(lin: Schedule) -> None:
     assert not torch.allclose(a, c)  # the variance choice matters
 
 
+@NUMERICS
 def test_stochastic_ddim_and_all_samplers_reproduce_gaussian_data(lin: Schedule) -> None:
     sd = 0.4
     model = gaussian_model(lin, sd)
@@ -296,6 +310,7 @@ def test_stochastic_ddim_and_all_samplers_reproduce_gaussian_data(lin: Schedule)
     assert std["dpm 25"] < std["dpm tu 25"] < std["dpm tu 10"], results
 
 
+@NUMERICS
 def test_stochastic_dpm_solver_pp_first_order_steps_are_ddim_eta1(lin: Schedule) -> None:
     """SDE-DPM-Solver++ with eta = 1: a first-order step is the DDPM posterior step q(x_s | x_t, x0 = D), which is
     DDIM's eta = 1 step. With 3 steps every update is first order (the one into t = 0 too, for fewer than 10
@@ -315,6 +330,7 @@ def test_stochastic_dpm_solver_pp_first_order_steps_are_ddim_eta1(lin: Schedule)
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
+@NUMERICS
 def test_stochastic_dpm_solver_pp_reproduces_gaussian_data(kind: str) -> None:
     """eta = 1 samples the reverse SDE: random given x_T (the draws come from the image generators) and, for the
     exact model, distributed as the data, like DDPM, already with 20 steps."""
@@ -346,6 +362,7 @@ def test_stochastic_dpm_solver_pp_reproduces_gaussian_data(kind: str) -> None:
         ("dpm-solver++", {"steps": 25, "eta": 1.0}),
     ],
 )
+@NUMERICS
 def test_two_mode_mixture_keeps_both_modes(lin: Schedule, sampler: str, kw: dict) -> None:
     m, sd = 0.5, 0.12
     x_T, gens = draw(64)
@@ -371,6 +388,7 @@ def test_two_mode_mixture_keeps_both_modes(lin: Schedule, sampler: str, kw: dict
         ("dpm-solver++", {"steps": 10, "eta": 1.0}),
     ],
 )
+@NUMERICS
 def test_an_image_depends_on_its_seed_not_its_batch(lin: Schedule, sampler: str, kw: dict) -> None:
     model = gaussian_model(lin, 0.4)
     outs = []
@@ -393,6 +411,7 @@ def _nan_after(t_bad: int):
 
 
 @pytest.mark.parametrize("sampler,kw", [("ddpm", {}), ("ddim", {"steps": 200}), ("dpm-solver++", {"steps": 20})])
+@NUMERICS
 def test_non_finite_samples_raise_naming_the_step(lin: Schedule, sampler: str, kw: dict) -> None:
     x_T, gens = draw(2, dtype=torch.float32)
     with pytest.raises(NonFiniteError, match=rf"NaN/Inf at step t=\d+ \({sampler}"):
@@ -410,6 +429,7 @@ def test_non_finite_samples_raise_naming_the_step(lin: Schedule, sampler: str, k
     assert reported in ts[first_bad : first_bad + 50], (reported, str(info.value))
 
 
+@NUMERICS
 def test_dispatcher_counts_evaluations_clamps_and_calls_back(lin: Schedule) -> None:
     calls = []
 
@@ -443,6 +463,7 @@ def test_dispatcher_counts_evaluations_clamps_and_calls_back(lin: Schedule) -> N
         sample("ddim", model, lin, x_T, gens[:1])
 
 
+@NUMERICS
 def test_samplers_accept_a_float32_device_schedule(lin: Schedule) -> None:
     """Coefficients come from the float64 original, so a cast schedule gives the same samples."""
     model = gaussian_model(lin, 0.4)
@@ -450,3 +471,32 @@ def test_samplers_accept_a_float32_device_schedule(lin: Schedule) -> None:
     a, _ = sample("dpm-solver++", model, lin, x_T, gens, steps=10)
     b, _ = sample("dpm-solver++", model, lin.to("cpu", torch.float32), x_T, gens, steps=10)
     assert torch.equal(a, b)
+
+
+# --- chunked noise ----------------------------------------------------------------------------
+
+
+@NUMERICS
+@pytest.mark.parametrize("shape", [(1, 16, 16), (3, 32, 32), (1, 28, 28)])
+def test_chunked_noise_equals_per_step_draws_on_cpu(shape):
+    """Chunking the per-image draws leaves CPU samples unchanged (image sizes with 16k elements)."""
+    steps = noise_chunk_steps(shape) + 3  # cross a chunk boundary
+    seeds = [5, 9, 11]
+    noise = PerImageNoise(per_image_generators(seeds, "cpu"), shape, "cpu")
+    gens = per_image_generators(seeds, "cpu")
+    for _ in range(steps):
+        torch.testing.assert_close(noise.next(), randn_per_image(gens, shape, "cpu"), rtol=0, atol=0)
+
+
+@NUMERICS
+def test_chunked_noise_depends_on_the_image_seed_only():
+    shape = (3, 5, 7)  # an odd size, where the chunked stream differs from per-step draws
+    a = PerImageNoise(per_image_generators([1, 2, 3], "cpu"), shape, "cpu")
+    b = PerImageNoise(per_image_generators([2], "cpu"), shape, "cpu")
+    for _ in range(noise_chunk_steps(shape) + 2):
+        torch.testing.assert_close(a.next()[1], b.next()[0], rtol=0, atol=0)
+
+
+def test_noise_chunk_depends_on_image_size_only():
+    assert noise_chunk_steps((3, 32, 32)) == 42 and noise_chunk_steps((3, 64, 64)) == 10
+    assert noise_chunk_steps((3, 512, 512)) == 1 and noise_chunk_steps((1, 2, 2)) == 64

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from ddpmctl import spec as S
-from ddpmctl.images import make_grid, read_image, save_png
+from ddpmctl.images import read_image, save_png
 from ddpmctl.train import run
 
 pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
@@ -168,20 +168,6 @@ def test_grid_evolution_and_trajectory(trained, cli, tmp_path):
 
     with Image.open(tmp_path / "traj.gif") as g:
         assert g.n_frames > 2
-
-
-def test_column_labels_add_a_strip_with_a_label_over_each_column_and_keep_the_grid():
-    from ddpmctl.images import label_columns
-
-    grid = make_grid(torch.full((6, 3, 16, 16), 90, dtype=torch.uint8), nrow=3)
-    out = label_columns(grid, ["1", "2", "10"], 16)
-    strip = out.shape[1] - grid.shape[1]
-    assert strip > 0 and out.shape[2] == grid.shape[2] and torch.equal(out[:, strip:], grid)
-    for col in range(3):  # ink over each column's cell
-        x = 2 + col * 18
-        assert (out[:, :strip, x:x + 16] < 128).any()
-    wide = label_columns(grid, ["1000000", "2000000", "3000000"], 16)  # too wide: not all labelled, no overlap
-    assert wide.shape == out.shape and (wide[:, :strip] < 128).any()
 
 
 def test_training_learns(tmp_path):

@@ -2,11 +2,15 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from ddpmctl import spec as S
-from ddpmctl.unet import build, count_parameters, timestep_embedding
+from ddpmctl.unet import Attention, ResBlock, build, count_parameters, timestep_embedding
+from conftest import randomise
 
 pytestmark = pytest.mark.numerics  # run again with the AVX2 cap in .ci/run (issue 18)
+
+F64 = torch.float64
 
 
 @pytest.mark.parametrize("preset", ["shapes", "mnist", "cifar10"])
@@ -97,3 +101,63 @@ def test_cpu_dropout_gradient_is_the_mask_and_draws_follow_the_seed():
     assert drop.eval()(x) is x and Dropout(0.0).train()(x) is x
     with pytest.raises(ValueError, match="dropout probability"):
         Dropout(1.0)
+
+
+# -------------------------------------------------------------------- the network's fast formulations
+
+
+def _ref_resblock(b: ResBlock, x, emb):
+    """The plain formulation: skip(x) + conv2(silu((1 + scale) * GN(conv1(silu(GN(x)))) + shift))."""
+    h = b.conv1(F.silu(b.norm1(x)))
+    scale, shift = b.emb(emb)[:, :, None, None].chunk(2, dim=1)
+    h = b.norm2(h) * (1 + scale) + shift
+    return b.skip(x) + b.conv2(F.silu(h))
+
+
+def _ref_attention(a: Attention, x):
+    """The plain formulation with 1x1 convolutions over (B, C, H, W)."""
+    b, c, hgt, wid = x.shape
+    qkv = a.qkv(a.norm(x)).reshape(b, 3, a.heads, c // a.heads, hgt * wid)
+    q, k, v = qkv.transpose(-1, -2).unbind(1)
+    h = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(b, c, hgt, wid)
+    return x + a.proj(h)
+
+
+@pytest.mark.parametrize("in_ch, out_ch", [(16, 16), (16, 32)])
+def test_resblock_matches_plain_formulation_forward_and_backward(in_ch, out_ch):
+    blk = randomise(ResBlock(in_ch, out_ch, 24, 0.0, 8)).to(F64)
+    x = torch.randn(3, in_ch, 8, 8, dtype=F64, requires_grad=True)
+    emb = torch.randn(3, 24, dtype=F64)
+    y, y_ref = blk(x, emb), _ref_resblock(blk, x, emb)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, [x, *blk.parameters()], g)
+    grads_ref = torch.autograd.grad(y_ref, [x, *blk.parameters()], g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    with torch.no_grad():  # inference takes the in-place path
+        torch.testing.assert_close(blk(x, emb), y_ref, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_attention_token_path_matches_convolutions(channels_last):
+    att = randomise(Attention(32, 8, 8)).to(F64)
+    x = torch.randn(2, 32, 6, 5, dtype=F64, requires_grad=True)
+    xin = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y, y_ref = att(xin), _ref_attention(att, x)
+    torch.testing.assert_close(y, y_ref, rtol=1e-12, atol=1e-12)
+    g = torch.randn_like(y_ref)
+    for a, b in zip(torch.autograd.grad(y, [x, *att.parameters()], g),
+                    torch.autograd.grad(y_ref, [x, *att.parameters()], g)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_channels_last_network_matches_default_layout_on_cpu():
+    sp = S.resolve("shapes").model
+    net = randomise(build(sp)).eval()
+    x = torch.randn(2, sp.channels, sp.image_size, sp.image_size)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        ref = net(x, t)
+        cl = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
+    torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
