@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from ddpmctl import evaluate as ev
+from ddpmctl import rundir
 from ddpmctl.diffusion import Schedule
 from ddpmctl.errors import UsageError
 
@@ -185,9 +186,9 @@ def test_reference_stats_cache_roundtrip(tmp_path):
 
 
 def test_eval_log_appends(tmp_path):
-    ev.append_eval_log(tmp_path, {"a": 1})
-    ev.append_eval_log(tmp_path, {"a": 2})
-    assert [r["a"] for r in ev.read_eval_log(tmp_path)] == [1, 2]
+    rundir.append_eval_log(tmp_path, {"a": 1})
+    rundir.append_eval_log(tmp_path, {"a": 2})
+    assert [r["a"] for r in rundir.read_eval_log(tmp_path)] == [1, 2]
 
 
 def test_parse_metrics():
@@ -300,7 +301,7 @@ def test_eval_bpd_json_on_shapes(run_dir, cli):
     assert b["n"] == 4 and b["split"] == "test" and b["stride"] == 10 and not b["exact"]
     assert b["timesteps"] == 100 and b["network_evaluations_per_image"] == 20
     assert "stratified" in b["note"] and "--stride 1" in r.stderr  # the estimator is stated
-    log = ev.read_eval_log(run_dir)
+    log = rundir.read_eval_log(run_dir)
     assert log[-1]["checkpoint"] == "step_00000004" and log[-1]["metrics"]["bpd"] == b
     assert out["log"] == str(run_dir / "eval.jsonl")
 
@@ -310,7 +311,7 @@ def test_eval_bpd_of_one_image_has_no_standard_error_and_is_logged(run_dir, cli)
     r = cli("eval", str(run_dir), "--data", "shapes", "--metric", "bpd", "--n", "1", "--stride", "10", "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["metrics"]["bpd"]["sem"] is None
-    assert ev.read_eval_log(run_dir)[-1]["metrics"]["bpd"]["sem"] is None
+    assert rundir.read_eval_log(run_dir)[-1]["metrics"]["bpd"]["sem"] is None
 
 
 def test_eval_says_when_the_split_holds_fewer_images_than_n(run_dir, monkeypatch, capsys, tmp_path):
@@ -364,5 +365,5 @@ def test_eval_fid_kid_end_to_end(run_dir, random_inception, cli, tmp_path):
     assert out["steps"] == 2 and out["n_samples"] == 2
     cache = Path(fid["reference"]["cache"])
     assert cache.is_file() and cache.parent == tmp_path / "data-root" / ".cache" / "inception-stats"
-    log = ev.read_eval_log(run_dir)[-1]
+    log = rundir.read_eval_log(run_dir)[-1]
     assert log["sampler"] == own["sampler"] and log["n_samples"] == 2 and log["metrics"]["fid"]["value"] == fid["value"]

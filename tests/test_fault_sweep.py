@@ -72,7 +72,7 @@ def test_a_symlinked_metrics_log_is_refused_on_resume(trained_run, tmp_path, mon
 
 def test_appends_to_ddpmctl_logs_never_follow_a_symlink(tmp_path):
     """eval.jsonl (and metrics.jsonl, through the same safefile.open_append) refuse a link, even a dangling one."""
-    from ddpmctl.evaluate import EVAL_LOG, append_eval_log
+    from ddpmctl.rundir import EVAL_LOG, append_eval_log
 
     decoy = _decoy(tmp_path)
     run = tmp_path / "run"

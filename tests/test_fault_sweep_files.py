@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import run_main
 from ddpmctl import checkpoint as ck
+from ddpmctl import rundir
 from ddpmctl import spec as S
 from ddpmctl.images import save_png
 from ddpmctl.lock import RunLock
@@ -246,7 +247,7 @@ def test_sample_index_not_json_is_moved_aside_and_training_checkpoints(base, tmp
     assert ck.find_newest(run_dir).step == 6  # the step after the bad index still got its checkpoint
     aside = list((run_dir / "samples").glob("index.json.unreadable-*"))
     assert len(aside) == 1 and aside[0].read_text() == "{not json"  # nothing lost
-    assert [g["epoch"] for g in ck.read_sample_index(run_dir)] == [3]
+    assert [g["epoch"] for g in rundir.read_sample_index(run_dir)] == [3]
 
 
 def test_grid_evolution_with_a_bad_sample_index_names_it(base, tmp_path, monkeypatch, capsys):
@@ -324,7 +325,7 @@ def test_extreme_aspect_ratios_are_skipped_and_counted(tmp_path):
 def test_damaged_eval_log_and_model_card(base, tmp_path, monkeypatch, capsys):
     """The other readers of files a crash or a user can damage: eval.jsonl is read around a torn or
     non-UTF-8 line (by `eval` and by the exported card); a model card that is not UTF-8 is named."""
-    from ddpmctl.evaluate import read_eval_log
+    from ddpmctl.rundir import read_eval_log
 
     (tmp_path / "eval.jsonl").write_bytes(b'{"a": 1}\n\xff\xfe\n[1]\n' + b"[" * DEEP + b'\n{"a": 2}\n{"a": 3, "ti')
     assert [r["a"] for r in read_eval_log(tmp_path)] == [1, 2]

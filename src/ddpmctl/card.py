@@ -1,5 +1,5 @@
 """The model card: the README.md of a model folder (YAML front matter for the Hub, training facts,
-the evaluation rows read from the run's eval.jsonl, the sample grid and the exact `ddpmctl sample`
+the evaluation rows of the run's eval.jsonl (read by ddpmctl.rundir), the sample grid and the exact `ddpmctl sample`
 command that draws it). It renders a model folder's config.json; it reads no weights and makes no
 network call (``huggingface_hub.ModelCard`` only formats the front matter).
 """
@@ -7,20 +7,16 @@ network call (``huggingface_hub.ModelCard`` only formats the front matter).
 from __future__ import annotations
 
 import shlex
-from pathlib import Path
 from typing import Any
 
 from ddpmctl.sampler_registry import SAMPLERS
-from ddpmctl.smallfiles import read_jsonl
 
 
-def read_eval(run_dir: Path) -> list[dict]:
-    """RUN_DIR/eval.jsonl (written by `ddpmctl eval`) -> the last 10 rows {metric, value, pm, step, details}."""
-    path = run_dir / "eval.jsonl"
-    if not path.is_file():
-        return []
+def eval_rows(records: list[dict]) -> list[dict]:
+    """The records of a run's eval.jsonl (ddpmctl.rundir.read_eval_log) -> the last 10 rows
+    {metric, value, pm, step, details} of the card's evaluation table."""
     rows: list[dict] = []
-    for rec in read_jsonl(path):  # a torn or damaged line is skipped
+    for rec in records:
         rows += _eval_rows(rec)
     return rows[-10:]
 

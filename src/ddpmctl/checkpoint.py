@@ -1,10 +1,7 @@
-"""Run-dir layout, atomic file writes and checkpoints.
+"""Checkpoints: RUN_DIR/checkpoints/ (the run directory's other files belong to ddpmctl.rundir,
+which imports this module, never the other way round).
 
     RUN_DIR/
-      spec.json             the resolved RunSpec
-      metrics.jsonl         one JSON object per logged step
-      samples/epoch_0005.png, samples/index.json
-      .lock                 PID of the process training the run, while it runs (ddpmctl.lock)
       checkpoints/
         step_00001000/      model.safetensors ema.safetensors optim.safetensors rng.safetensors
                             state.json manifest.json (SHA-256 of every other file)
@@ -38,6 +35,7 @@ from safetensors.torch import load_file, save_file
 
 from ddpmctl import __version__
 from ddpmctl.errors import CheckpointError, DdpmctlError, RunDirError
+from ddpmctl.outdir import RUN_MARKER
 from ddpmctl.safefile import atomic_write_text, clear, fsync_dir
 from ddpmctl.smallfiles import read_object, read_text_lenient
 from ddpmctl.writes import WriteError, writing
@@ -445,46 +443,21 @@ def find_newest(run_dir: Path, on_warning: Callable[[str], None] | None = None,
 
 
 # ---------------------------------------------------------------- run dirs
-SAMPLE_INDEX = Path("samples") / "index.json"
-_GRID_FIELDS = {"epoch": int, "file": str, "n": int, "nrow": int, "padding": int}
-
-
-def read_sample_index(run_dir: Path) -> list[dict]:
-    """The grids listed in RUN_DIR/samples/index.json ([] when there is none yet), each checked to have
-    epoch, file (a name inside samples/), n, nrow and padding. A damaged file is a RunDirError naming it."""
-    path = Path(run_dir) / SAMPLE_INDEX
-    if not path.exists():
-        return []
-    expect = 'the sample-grid index {"grids": [{"epoch", "file", "n", "nrow", "padding", ...}]}'
-    grids = read_object(path, expect=expect, error=RunDirError).get("grids")
-    if not isinstance(grids, list):
-        raise RunDirError(f"{path}: \"grids\" is {type(grids).__name__}, expected a list; expected {expect}")
-    for i, g in enumerate(grids):
-        bad = (not isinstance(g, dict)) or next(
-            (k for k, t in _GRID_FIELDS.items() if not isinstance(g.get(k), t) or isinstance(g.get(k), bool)), None)
-        if bad is None and (Path(g["file"]).name != g["file"] or g["n"] < 1 or g["nrow"] < 1 or g["padding"] < 0):
-            bad = "file" if Path(g["file"]).name != g["file"] else "n/nrow/padding"
-        if bad:
-            what = f"field {bad!r} of" if isinstance(g, dict) else ""
-            raise RunDirError(f"{path}: {what} grid {i} is malformed; expected {expect}")
-    return grids
-
-
 def check_run_dir(path: Path) -> Path:
     path = Path(path)
     if not path.exists():
         raise RunDirError(f"run directory {path} does not exist")
     if not path.is_dir():
         raise RunDirError(f"{path} is a file, not a run directory")
-    if not (path / "spec.json").is_file():
+    if not (path / RUN_MARKER).is_file():
         raise RunDirError(f"{path} is not a ddpmctl run directory (no spec.json)")
     return path
 
 
 def newest_run(root: Path = Path("runs")) -> Path:
     """The most recently modified run directory under ./runs."""
-    runs = [p for p in Path(root).glob("*") if (p / "spec.json").is_file()] if Path(root).is_dir() else []
+    runs = [p for p in Path(root).glob("*") if (p / RUN_MARKER).is_file()] if Path(root).is_dir() else []
     if not runs:
         raise RunDirError(f"no run directories under {root}/; train one first (`ddpmctl train shapes`) or name one")
-    return max(runs, key=lambda p: (p / "spec.json").stat().st_mtime if not (p / CKPT_DIR / NEWEST).exists()
+    return max(runs, key=lambda p: (p / RUN_MARKER).stat().st_mtime if not (p / CKPT_DIR / NEWEST).exists()
                else (p / CKPT_DIR / NEWEST).stat().st_mtime)

@@ -12,7 +12,7 @@
 
 Reference statistics of a dataset split are cached in an ``.npz`` file (read with
 ``allow_pickle=False``) named after a hash of the images and of the Inception weights, next to
-the prepared data. Results are appended to ``RUN_DIR/eval.jsonl``.
+the prepared data. Results are appended to ``RUN_DIR/eval.jsonl`` (ddpmctl.rundir.append_eval_log).
 
 The library never prints: progress goes through ``on_event(dict)``, problems are raised as
 :class:`~ddpmctl.errors.DdpmctlError` subclasses.
@@ -43,9 +43,9 @@ from ddpmctl.data.loader import to_unit_range
 from ddpmctl.diffusion import ModelFn, Prediction, Schedule, calc_bpd_loop
 from ddpmctl.errors import DataError, DdpmctlError, NonFiniteError, UsageError
 from ddpmctl.extras import install_hint
+from ddpmctl.rundir import EVAL_LOG, append_eval_log
 from ddpmctl.safefile import atomic_write
-from ddpmctl.smallfiles import read_jsonl
-from ddpmctl.writes import WriteError, append_bytes
+from ddpmctl.writes import WriteError
 
 Event = Callable[[dict], None]
 
@@ -56,7 +56,6 @@ EXTRA_INSTALL = install_hint("eval")
 EXTRA_HINT = (f"FID and KID need the optional 'eval' extra (torch-fidelity's Inception-v3): {EXTRA_INSTALL}; "
               "--metric bpd works without it")
 STATS_FORMAT = "ddpmctl-inception-stats/1"
-EVAL_LOG = "eval.jsonl"
 # Default split per metric: the likelihood is measured on held-out images (Ho et al., table 2), FID
 # against the training images (Ho et al. sec. 4: "FID ... computed with respect to the training set").
 DEFAULT_SPLIT = {"bpd": "test", "fid": "train", "kid": "train"}
@@ -589,27 +588,6 @@ def reference_stats(
 
 
 # ---------------------------------------------------------------------------------------------
-# eval.jsonl
-# ---------------------------------------------------------------------------------------------
-
-
-def append_eval_log(directory: Path | str, record: dict) -> Path:
-    """Append one JSON line to ``DIRECTORY/eval.jsonl`` (flushed and fsynced)."""
-    path = Path(directory) / EVAL_LOG
-    line = json.dumps(record, default=str, allow_nan=False) + "\n"
-    append_bytes(path, line.encode("utf-8"), fsync=True,
-                 kept=f"{path.name} keeps its earlier records; this result is printed but not recorded")
-    return path
-
-
-def read_eval_log(directory: Path | str) -> list[dict]:
-    path = Path(directory) / EVAL_LOG
-    if not path.is_file():
-        return []
-    return read_jsonl(path)
-
-
-# ---------------------------------------------------------------------------------------------
 # The whole evaluation
 # ---------------------------------------------------------------------------------------------
 
@@ -786,5 +764,5 @@ __all__ = [
     "frechet_distance", "frechet_distance_from_features", "trace_sqrt_product", "polynomial_kernel",
     "mmd2_unbiased", "kernel_inception_distance", "InceptionFeatures", "load_inception", "read_weights",
     "weights_digest", "fetch_default_weights", "extract_features", "ReferenceStats", "reference_stats",
-    "reference_cache_dir", "append_eval_log", "read_eval_log", "parse_metrics", "EvalOptions", "evaluate",
+    "reference_cache_dir", "parse_metrics", "EvalOptions", "evaluate",
 ]

@@ -19,8 +19,8 @@ from safetensors.torch import save as save_safetensors
 
 from ddpmctl import __version__
 from ddpmctl import checkpoint as ck
-from ddpmctl import spec as specmod
-from ddpmctl.card import read_eval, render_card
+from ddpmctl import rundir
+from ddpmctl.card import eval_rows, render_card
 from ddpmctl.devices import choose_precision
 from ddpmctl.errors import UsageError
 from ddpmctl.generate import generate
@@ -78,7 +78,7 @@ def export_model_folder(
     if onnx:
         require_onnx()
     run_dir = ck.check_run_dir(Path(run_dir))
-    spec = specmod.load(run_dir / "spec.json")
+    spec = rundir.load_spec(run_dir)
     ckpt = ck.find_newest(run_dir, on_warning=on_warning)
     kind = "ema" if use_ema else "model"
     tensors = ckpt.tensors(kind)
@@ -164,7 +164,7 @@ def _make_config(spec: RunSpec, run_dir: Path, ckpt: ck.Checkpoint, kind: str, d
             "precision": spec.train.precision,
             "seed": spec.train.seed,
         },
-        "evaluation": read_eval(run_dir),
+        "evaluation": eval_rows(rundir.read_eval_log(run_dir)),
         "grid": {"file": GRID_FILE, "n": GRID_N, "nrow": GRID_NROW, "seed": GRID_SEED, "sampler": s.sampler,
                  "steps": steps, "eta": how.eta_or_none(s.eta)},
     }

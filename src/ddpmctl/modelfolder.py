@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 
 from ddpmctl import __version__
 from ddpmctl import checkpoint as ck
-from ddpmctl import hub
+from ddpmctl import hub, rundir
 from ddpmctl import spec as specmod
 from ddpmctl.errors import SpecError, UsageError
 from ddpmctl.smallfiles import read_object
@@ -64,7 +64,7 @@ class Denoiser:
 def load_run(run_dir: Path, *, use_ema: bool = True, device: torch.device | str = "cpu",
              on_warning: Callable[[str], None] | None = None) -> Denoiser:
     run_dir = ck.check_run_dir(Path(run_dir))
-    spec = specmod.load(run_dir / "spec.json")
+    spec = rundir.load_spec(run_dir)
     ckpt = ck.find_newest(run_dir, on_warning=on_warning)
     model = build(spec.model)
     kind = "ema" if use_ema else "model"
@@ -166,7 +166,7 @@ def load_source(source: str | Path | None, *, use_ema: bool = True, device: torc
         return load_model_folder(hub.download(source), device=device, source=source, use_ema=use_ema,
                                  on_warning=on_warning)
     path = Path(source)
-    if path.is_dir() and not (path / "spec.json").exists() and (
+    if path.is_dir() and not rundir.spec_path(path).exists() and (
             (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists()
             or any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir())):
         return load_model_folder(path, device=device, use_ema=use_ema, on_warning=on_warning)
@@ -180,7 +180,7 @@ def resolve_source(source: Path | None) -> tuple[Path, str]:
     path = Path(source)
     if not path.exists():
         raise UsageError(f"{path} does not exist (expected a run directory or a model folder)")
-    if path.is_dir() and (path / "spec.json").is_file():
+    if path.is_dir() and rundir.spec_path(path).is_file():
         return path, "run"
     if path.is_dir() and (path / CONFIG_FILE).is_file():
         return path, "folder"

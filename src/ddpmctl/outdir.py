@@ -26,7 +26,7 @@ from typing import Iterable, Iterator
 from ddpmctl.errors import UsageError
 from ddpmctl.safefile import clear
 
-RUN_MARKER = "spec.json"  # ddpmctl.checkpoint.check_run_dir
+RUN_MARKER = "spec.json"  # a run directory (ddpmctl.rundir.spec_path, ddpmctl.checkpoint.check_run_dir)
 # ddpmctl.modelfolder.CONFIG_FILE, MODEL_FILE (spelled out: importing it would load torch into the data
 # commands, which use this module; tests/test_export.py checks they agree)
 MODEL_MARKERS = ("config.json", "model.safetensors")

@@ -28,7 +28,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ddpmctl import checkpoint as ck
-from ddpmctl import spec as specmod
+from ddpmctl import rundir
 from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
 from ddpmctl.devices import choose_precision, describe, resolve, set_fast_math
 from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
@@ -36,12 +36,11 @@ from ddpmctl.ema import EMA
 from ddpmctl.errors import CheckpointError, DdpmctlError, NonFiniteError, RunDirError, UsageError
 from ddpmctl.images import make_grid, save_png
 from ddpmctl.lock import RunLock
-from ddpmctl.safefile import open_owned, open_update, refuse_symlink
+from ddpmctl.safefile import open_owned
 from ddpmctl.memory import check_fits
 from ddpmctl.spec import RunSpec
 from ddpmctl.engine import optimizer_for, setup_training
 from ddpmctl.unet import build, count_parameters
-from ddpmctl.writes import append_bytes
 
 Event = Callable[[dict], None]
 PROCESS_START = time.monotonic()  # train.time_limit counts this process's wall time from here
@@ -106,7 +105,7 @@ def make_run_dir(spec: RunSpec, out: Path | None, root: Path = Path("runs")) -> 
         if blocked is not None:
             raise UsageError(f"--out {out}: cannot create the run directory, {blocked} is a file")
         if out.is_dir() and any(out.iterdir()):
-            if (out / "spec.json").exists():
+            if rundir.spec_path(out).exists():
                 raise UsageError(f"--out {out} already holds a run; continue it with `ddpmctl resume {out}`")
             raise UsageError(f"--out {out} exists and is not empty; choose a new or empty directory")
         return out
@@ -240,7 +239,6 @@ class _Trainer:
         self.spec, self.tr, self.op = spec, spec.train, spec.optim
         self.run_dir, self.emit, self.stop, self.dist = run_dir, emit, stop, dist
         self.main = dist.is_main  # the one rank that writes
-        self.metrics_path = run_dir / "metrics.jsonl"
         self.c = Counters()
         self.samples: list[str] = []
         self.images_per_s: float | None = None
@@ -315,7 +313,7 @@ class _Trainer:
             return None
         made = _create_run_dir(run_dir)
         lock = held.enter_context(RunLock(run_dir, on_warning=self.warn))
-        if (run_dir / "spec.json").exists():
+        if rundir.spec_path(run_dir).exists():
             raise UsageError(f"{run_dir} already holds a run; continue it with `ddpmctl resume {run_dir}`")
         made += [] if (run_dir / ck.CKPT_DIR).exists() else [run_dir / ck.CKPT_DIR]
         try:
@@ -326,7 +324,7 @@ class _Trainer:
                 with contextlib.suppress(OSError):
                     d.rmdir()  # only when empty
             raise
-        specmod.save(self.spec, run_dir / "spec.json")  # from here on `ddpmctl resume` can continue the run
+        rundir.save_spec(self.spec, run_dir)  # from here on `ddpmctl resume` can continue the run
         return None
 
     def resume_state(self) -> ck.Checkpoint | None:
@@ -351,8 +349,8 @@ class _Trainer:
             self.warn_changed(ckpt)
             self.emit({"event": "resume", "checkpoint": str(ckpt.path), "step": c.step})
         if self.main:
-            c.metrics_bytes = _truncate_metrics(self.metrics_path,
-                                                ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
+            c.metrics_bytes = rundir.truncate_metrics(run_dir,
+                                                      ckpt.state if ckpt else {"step": 0, "metrics_bytes": 0})
             _preflight(run_dir, _checkpoint_bytes(self.model, self.ema))
         return ckpt
 
@@ -597,7 +595,7 @@ class _Trainer:
 
     def append_metrics(self, rec: dict) -> None:
         if self.main:
-            self.c.metrics_bytes = _append_metrics(self.metrics_path, rec)
+            self.c.metrics_bytes = rundir.append_metrics(self.run_dir, rec)
 
     def check_replicas(self) -> dict:
         """All ranks must hold the same weights (DDP's promise); checked at every checkpoint."""
@@ -772,74 +770,14 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
                                                     batch_size=256, device=device, precision=precision)])
     except NonFiniteError as exc:
         raise NonFiniteError(f"the sample grid at training step {step} (epoch {epoch}): {exc}") from None
-    out_dir = run_dir / "samples"
+    out_dir = run_dir / rundir.SAMPLES_DIR
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"epoch_{epoch:04d}.png"
     save_png(path, make_grid(imgs, nrow=GRID_NROW, padding=GRID_PADDING))
-    index_path = run_dir / ck.SAMPLE_INDEX
-    try:
-        grids = ck.read_sample_index(run_dir)
-    except RunDirError as exc:  # never lose the training step to it: keep the damaged file aside, start anew
-        aside = index_path.with_name(f"index.json.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.replace(index_path, aside)
-        emit({"event": "warning", "message": f"{exc}; moved it to {aside} and started a new index "
-                                             "(the grid images are kept)"})
-        grids = []
-    index = {"grids": [g for g in grids if g["epoch"] != epoch] + [
-        {"epoch": epoch, "file": path.name, "n": len(seeds), "nrow": GRID_NROW, "padding": GRID_PADDING,
-         "seed": sp.seed, "sampler": sp.sampler, "steps": sp.steps}]}
-    ck.atomic_write_text(index_path, json.dumps(index, indent=1))
+    rundir.add_sample_grid(run_dir, {"epoch": epoch, "file": path.name, "n": len(seeds), "nrow": GRID_NROW,
+                                     "padding": GRID_PADDING, "seed": sp.seed, "sampler": sp.sampler,
+                                     "steps": sp.steps},
+                           on_warning=lambda message: emit({"event": "warning", "message": message}))
     emit({"event": "sample", "epoch": epoch, "path": str(path)})
     del net
     return path
-
-
-def _append_metrics(path: Path, rec: dict) -> int:
-    """Append one record; return the file's length (saved in checkpoints to truncate on resume)."""
-    try:
-        return append_bytes(path, (json.dumps(rec) + "\n").encode("utf-8"), kept=lambda: (
-            f"{path.name} keeps its earlier records; {ck.still_newest(path.parent / ck.CKPT_DIR)}"))
-    except OSError as exc:
-        raise DdpmctlError(f"cannot write {path}: {exc.strerror or exc}") from None
-
-
-def _truncate_metrics(path: Path, state: dict) -> int:
-    """Drop what was logged after the checkpoint we resume from (it will be logged again, identically
-    in deterministic mode); return the new length. The file is cut to the length the checkpoint
-    recorded, and then to its last complete line: a line torn by a crash (even one the checkpoint
-    counted, when the file lost its unsynced tail) never has the next record glued onto it."""
-    refuse_symlink(path)  # before anything is read or trained: the log is appended to in place
-    if not path.exists():
-        return 0
-    keep_bytes = state.get("metrics_bytes")
-    if keep_bytes is not None:
-        size = path.stat().st_size
-        keep = _complete_lines_length(path, min(size, keep_bytes))
-        if size > keep:
-            with open_update(path) as f:  # never through a symlink (ddpmctl.safefile)
-                f.truncate(keep)
-        return path.stat().st_size
-    keep = []  # checkpoints of older versions: truncate by step
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except (ValueError, RecursionError):
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("step", 0), (int, float)) and rec.get("step", 0) <= state["step"]:
-            keep.append(line)
-    ck.atomic_write_text(path, "".join(k + "\n" for k in keep))
-    return path.stat().st_size
-
-
-def _complete_lines_length(path: Path, limit: int) -> int:
-    """The length of the longest prefix of ``path``, at most ``limit`` bytes, that ends with a newline."""
-    with open(path, "rb") as f:
-        end = limit
-        while end > 0:
-            start = max(0, end - (1 << 16))
-            f.seek(start)
-            i = f.read(end - start).rfind(b"\n")
-            if i >= 0:
-                return start + i + 1
-            end = start
-    return 0

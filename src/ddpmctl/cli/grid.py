@@ -69,18 +69,18 @@ def _evolution(run_dir: Path, n: int):
     import torch
 
     from ddpmctl import checkpoint as ck
-    from ddpmctl import spec as specmod
+    from ddpmctl import rundir
     from ddpmctl.errors import UsageError
     from ddpmctl.images import label_columns, make_grid, read_image, split_grid
 
     run_dir = ck.check_run_dir(run_dir)
-    size = specmod.load(run_dir / "spec.json").model.image_size
-    grids = ck.read_sample_index(run_dir)
+    size = rundir.load_spec(run_dir).model.image_size
+    grids = rundir.read_sample_index(run_dir)
     if not grids:
         raise UsageError(f"{run_dir} has no saved sample grids yet (samples/index.json); train for an epoch first")
     grids = sorted(grids, key=lambda g: g["epoch"])
     rows = min(n, min(g["n"] for g in grids))
-    cols = [split_grid(read_image(run_dir / "samples" / g["file"]), rows, g["nrow"], size, g["padding"])
+    cols = [split_grid(read_image(run_dir / rundir.SAMPLES_DIR / g["file"]), rows, g["nrow"], size, g["padding"])
             for g in grids]
     # rows = seeds, columns = epochs
     table = torch.stack(cols, dim=1).flatten(0, 1)

@@ -32,6 +32,7 @@ def resume(
     The number of processes may differ from the run's earlier ones (docs/distributed.md).
     """
     from ddpmctl import checkpoint as ck
+    from ddpmctl import rundir
     from ddpmctl import spec as specmod
     from ddpmctl.cli.common import warn
     from ddpmctl.errors import CheckpointError, UsageError
@@ -39,15 +40,15 @@ def resume(
 
     limit = parse_time_limit(time_limit)
     run_dir = ck.check_run_dir(run_dir)
-    dev = command_device(device or specmod.load(run_dir / "spec.json").train.device, backend=False)  # set by training
+    dev = command_device(device or rundir.load_spec(run_dir).train.device, backend=False)  # set by training
     job = join_job(dev)
     if not job.is_main:  # rank 0 checks and updates spec.json; the others read what it wrote
         job.barrier()
-        run_training(specmod.load(run_dir / "spec.json"), run_dir, dev, resume=True, as_json=as_json,
+        run_training(rundir.load_spec(run_dir), run_dir, dev, resume=True, as_json=as_json,
                      data_root=data_root, job=job, quiet=quiet)
         return
     with RunLock(run_dir, on_warning=warn):  # before spec.json may be rewritten; run() re-enters it
-        spec = specmod.load(run_dir / "spec.json")
+        spec = rundir.load_spec(run_dir)
         data = spec.model_dump()
         if epochs is not None:
             data["train"]["epochs"] = epochs
@@ -75,7 +76,7 @@ def resume(
                             f"the run is already at step {state['step']} (epoch {state['epoch']:g}); "
                             f"--epochs/--max-steps give the new total and must exceed that (was {total} steps)"
                         )
-            specmod.save(new, run_dir / "spec.json")
+            rundir.save_spec(new, run_dir)
         if nproc is None or nproc == 1:
             job.barrier()
             run_training(new, run_dir, dev, resume=True, as_json=as_json, data_root=data_root, job=job, quiet=quiet)
