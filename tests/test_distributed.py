@@ -31,7 +31,7 @@ SETS = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolut
         "model.time_embed_dim=32", "sample.grid_size=2", "sample.steps=2", "train.sample_every=1000",
         "train.log_every=1", "optim.warmup_steps=0"]
 # fp32: these tests compare a 2-rank job with one process to float32 rounding, which bf16 rounding (the
-# auto precision on CPUs with native bf16) would swamp; the precision itself is tested in test_bench.py.
+# auto precision on CPUs with native bf16) would swamp; the precision itself is tested in test_devices.py.
 TRAIN = ["--preset", "shapes", "--batch-size", "8", "--device", "cpu", "--precision", "fp32",
          *[a for s in SETS for a in ("--set", s)]]
 ENV = {"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
