@@ -20,7 +20,6 @@ after the first file of checkpoint STEP is written (unpublished temporary direct
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -37,7 +36,7 @@ from ddpmctl import __version__
 from ddpmctl.errors import CheckpointError, DdpmctlError, RunDirError
 from ddpmctl.outdir import RUN_MARKER
 from ddpmctl.safefile import atomic_write_text, clear, fsync_dir
-from ddpmctl.smallfiles import read_object, read_text_lenient
+from ddpmctl.smallfiles import read_object, read_text_lenient, sha256_file
 from ddpmctl.writes import WriteError, writing
 
 CKPT_DIR = "checkpoints"
@@ -50,13 +49,6 @@ MILESTONE_RE = re.compile(r"^epoch_\d{4,}$")
 class CheckpointWriteError(WriteError, CheckpointError):
     """A checkpoint could not be written (full disk, size limit, ...); the newest one is intact."""
 
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -281,12 +273,8 @@ def save_checkpoint(
 
 def still_newest(ckdir: Path) -> str:
     """What a failed checkpoint write kept: the newest complete checkpoint, by name."""
-    pointer = ckdir / NEWEST
-    try:
-        intact = pointer.read_text().strip() if pointer.is_file() else ""
-    except (OSError, UnicodeDecodeError):
-        intact = ""
-    if not intact:
+    intact = _read_newest(ckdir)
+    if not intact or "\ufffd" in intact:  # none, or damaged bytes that name no checkpoint
         return "there is no complete checkpoint yet"
     return f"the newest complete checkpoint is still {intact} (intact; `ddpmctl resume` continues from it)"
 

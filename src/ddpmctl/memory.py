@@ -28,6 +28,7 @@ import torch
 
 from ddpmctl.errors import UsageError
 from ddpmctl.spec import ModelSpec, RunSpec
+from ddpmctl.units import human_bytes
 
 BYTES_PER_PARAMETER = 20  # fp32 weights, gradients, two AdamW moments, EMA shadow
 HALF_PRECISIONS = ("bf16", "fp16")
@@ -55,14 +56,6 @@ class MemoryEstimate:
 
     def to_dict(self) -> dict:
         return {**asdict(self), "activation_bytes": self.activation_bytes, "total_bytes": self.total_bytes}
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
-        if abs(n) < 1024 or unit == "PiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} PiB"
 
 
 def _meta_counts(model_spec: ModelSpec) -> tuple[int, int]:
@@ -110,7 +103,7 @@ def device_memory(device: torch.device) -> tuple[int, str] | None:
     """(bytes, description) of the memory a run on ``device`` can use at most; None if unknown."""
     if device.type == "cuda":
         _free, total = torch.cuda.mem_get_info(device)
-        return int(total), f"{device} ({torch.cuda.get_device_name(device)}) has {human(total)}"
+        return int(total), f"{device} ({torch.cuda.get_device_name(device)}) has {human_bytes(total)}"
     if device.type == "cpu":
         try:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -118,8 +111,8 @@ def device_memory(device: torch.device) -> tuple[int, str] | None:
             return None
         cg = _cgroup_limit()
         if cg is not None and cg < ram:
-            return cg, f"the CPU has {human(cg)} (this container's memory limit; {human(ram)} of RAM)"
-        return int(ram), f"the CPU has {human(ram)} of RAM"
+            return cg, f"the CPU has {human_bytes(cg)} (this container's memory limit; {human_bytes(ram)} of RAM)"
+        return int(ram), f"the CPU has {human_bytes(ram)} of RAM"
     return None  # mps: shared memory, no reliable total
 
 
@@ -130,10 +123,10 @@ def check_fits(spec: RunSpec, device: torch.device, precision: str, batch: int |
     if limit is None or est.total_bytes <= limit[0]:
         return est
     cap, where = limit
-    need = (f"training needs at least {human(est.total_bytes)} of memory: {est.parameters:,} parameters x "
-            f"{BYTES_PER_PARAMETER} B (weights, gradients, AdamW moments, EMA) = {human(est.parameter_bytes)}, "
-            f"plus batch {est.batch} x {human(est.activation_bytes_per_image)} of activations per image "
-            f"({est.precision}) = {human(est.activation_bytes)}; {where}")
+    need = (f"training needs at least {human_bytes(est.total_bytes)} of memory: {est.parameters:,} parameters x "
+            f"{BYTES_PER_PARAMETER} B (weights, gradients, AdamW moments, EMA) = {human_bytes(est.parameter_bytes)}, "
+            f"plus batch {est.batch} x {human_bytes(est.activation_bytes_per_image)} of activations per image "
+            f"({est.precision}) = {human_bytes(est.activation_bytes)}; {where}")
     room = cap - est.parameter_bytes
     if room <= 0 or est.activation_bytes_per_image <= 0:
         raise ResourceError(f"{need}. The model alone does not fit: lower model.base_channels or "

@@ -5,11 +5,13 @@ Whatever is wrong with such a file (unreadable, not UTF-8, not valid JSON or TOM
 deeply for the parser, too large, its top level not an object), the caller gets one
 :class:`~ddpmctl.errors.DdpmctlError` naming the file, what is wrong and what was expected, never a
 UnicodeDecodeError, RecursionError or AttributeError. The types of the fields inside are checked
-where they are used (pydantic models for the spec and the training state).
+where they are used (pydantic models for the spec and the training state). Also the one file
+hash (:func:`sha256_file`) that checkpoint manifests, prepared datasets and downloads check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import tomllib
 from pathlib import Path
@@ -80,3 +82,12 @@ def read_text_lenient(path: Path) -> str:
 def _kind(obj) -> str:
     return {list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
         type(obj), "a number" if isinstance(obj, (int, float)) else type(obj).__name__)
+
+
+def sha256_file(path: Path | str, chunk: int = 8 << 20) -> str:
+    """The file's SHA-256, hex, read in ``chunk``-byte pieces."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

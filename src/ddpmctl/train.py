@@ -41,6 +41,7 @@ from ddpmctl.memory import check_fits
 from ddpmctl.spec import RunSpec
 from ddpmctl.engine import optimizer_for, setup_training
 from ddpmctl.unet import build, count_parameters
+from ddpmctl.units import human_bytes
 
 Event = Callable[[dict], None]
 PROCESS_START = time.monotonic()  # train.time_limit counts this process's wall time from here
@@ -737,17 +738,9 @@ def _preflight(run_dir: Path, checkpoint_bytes: int) -> None:
     free = shutil.disk_usage(ckdir).free
     if free < 2 * checkpoint_bytes:
         raise CheckpointError(
-            f"not enough free space for checkpoints in {run_dir}: {_human(free)} free, two checkpoints need "
-            f"{_human(2 * checkpoint_bytes)} ({_human(checkpoint_bytes)} each); free some space or use --out "
+            f"not enough free space for checkpoints in {run_dir}: {human_bytes(free)} free, two checkpoints need "
+            f"{human_bytes(2 * checkpoint_bytes)} ({human_bytes(checkpoint_bytes)} each); free some space or use --out "
             "on another disk")
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1024 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TB"
 
 
 def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoch: int, step: int,

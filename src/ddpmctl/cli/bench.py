@@ -8,10 +8,7 @@ import typer
 
 from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, app, command_device, info, print_json, warn
 from ddpmctl.spec import PRESETS
-
-
-def _fmt_bytes(n: int | None) -> str:
-    return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
+from ddpmctl.units import human_bytes
 
 
 def sig3(x: float) -> str:
@@ -88,6 +85,7 @@ def bench(
 def report_lines(r: dict) -> list[str]:
     """The readable report of :func:`ddpmctl.bench.run`'s result."""
     gf = 1e-9
+    peak = r["peak_memory_bytes"]
     lines = [
         f"device            {r['device_name']}  (torch {r['torch']}, {r['precision']}, "
         f"compile {'on' if r['compile'] else 'off'})",
@@ -100,7 +98,7 @@ def report_lines(r: dict) -> list[str]:
             f"training          {r['train_images_per_s']:.1f} images/s at batch {r['batch_size']} "
             f"({r['train_step_ms']:.1f} ms/step), {flop_rate(r['achieved_tflops'])}, "
             f"utilisation {percent(r['mfu'])}",
-            f"peak memory       {_fmt_bytes(r['peak_memory_bytes'])} ({r['peak_memory_kind']})",
+            f"peak memory       {'n/a' if peak is None else human_bytes(peak)} ({r['peak_memory_kind']})",
         ]
     if r["sample_ms_per_step"] is not None:
         lines += [

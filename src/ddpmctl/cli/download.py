@@ -10,7 +10,8 @@ import typer
 from rich.markup import escape
 
 from ddpmctl.cli.common import JsonOpt, QuietOpt, app, info, out_console, print_json
-from ddpmctl.cli.progress import ProgressView, human_bytes
+from ddpmctl.cli.progress import ProgressView
+from ddpmctl.units import human_bytes
 from ddpmctl.errors import UsageError
 
 

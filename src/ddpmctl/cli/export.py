@@ -8,17 +8,10 @@ from typing import Annotated, Literal, Optional
 import typer
 
 from ddpmctl.cli.common import DeviceOpt, JsonOpt, QuietOpt, app, command_device, info, print_json
+from ddpmctl.units import human_bytes
 
 Dtype = Literal["fp32", "fp16", "bf16"]
 Format = Literal["safetensors", "onnx"]
-
-
-def human_size(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 @app.command(epilog="Examples:\n\n  ddpmctl export\n\n"
@@ -64,7 +57,7 @@ def export(
                                   onnx=format == "onnx", device=dev, overwrite=overwrite, on_warning=info)
     if res.onnx_max_abs_diff is not None:
         info(f"model.onnx matches PyTorch within {res.onnx_max_abs_diff:.2g} (onnxruntime)")
-    info(", ".join(f"{k} ({human_size(v)})" for k, v in res.files.items()))
+    info(", ".join(f"{k} ({human_bytes(v)})" for k, v in res.files.items()))
     if as_json:
         print_json(res.to_dict())
     else:

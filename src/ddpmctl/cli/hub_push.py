@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 
 from ddpmctl.cli.common import DeviceOpt, JsonOpt, app, command_device, info, print_json
-from ddpmctl.cli.export import Dtype, human_size
+from ddpmctl.cli.export import Dtype
+from ddpmctl.units import human_bytes
 
 
 @app.command("hub-push",
@@ -54,7 +55,7 @@ def hub_push(
             print(f"revision: {res.revision}")
         print("files:")
         for name, size in res.files.items():
-            print(f"  {name}  {human_size(size)}")
+            print(f"  {name}  {human_bytes(size)}")
         print("card (README.md):")
         print(res.card)
         info("dry run: nothing was uploaded")

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 
 from ddpmctl.cli.common import err_console, info, warn
 from ddpmctl.durations import human_duration
+from ddpmctl.units import human_bytes
 
 if TYPE_CHECKING:
     from ddpmctl.train import StopFlag
@@ -39,16 +40,6 @@ def progress_interval() -> float:
     except ValueError:
         return PROGRESS_INTERVAL_S
     return v if math.isfinite(v) and v > 0 else PROGRESS_INTERVAL_S
-
-
-def human_bytes(n: float | None) -> str:
-    if n is None:
-        return "?"
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def describe_estimate(est: dict | None, device_type: str) -> str | None:

@@ -256,7 +256,8 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
     batch_size images."""
     from ddpmctl.cli.progress import describe_estimate
     from ddpmctl.devices import choose_precision, describe, device_info
-    from ddpmctl.memory import check_fits, human
+    from ddpmctl.memory import check_fits
+    from ddpmctl.units import human_bytes
 
     dev = command_device(spec.train.device, deterministic=spec.train.deterministic)  # as training sets them
     precision = choose_precision(spec.train.precision, dev).name  # "auto" resolved for this device
@@ -274,6 +275,6 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
     print(json.dumps(report["spec"], indent=2))
     print(f"parameters: {n:,} ({n / 1e6:.2f}M)")
     print(f"device: {describe(dev)}, precision {precision}")
-    print(f"memory: at least {human(mem.total_bytes)} ({human(mem.parameter_bytes)} for parameters, gradients, "
-          f"AdamW and EMA; {human(mem.activation_bytes)} of activations at batch {mem.batch}, {mem.precision})")
+    print(f"memory: at least {human_bytes(mem.total_bytes)} ({human_bytes(mem.parameter_bytes)} for parameters, gradients, "
+          f"AdamW and EMA; {human_bytes(mem.activation_bytes)} of activations at batch {mem.batch}, {mem.precision})")
     print(describe_estimate(estimate, dev.type) if estimate else f"no time estimate: {why_not}")

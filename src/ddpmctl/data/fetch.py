@@ -17,6 +17,7 @@ from ddpmctl.data._events import Event, Progress
 from ddpmctl.errors import DataError, NetworkError, UsageError
 from ddpmctl.outdir import remove_stale
 from ddpmctl.safefile import open_owned
+from ddpmctl.smallfiles import sha256_file
 from ddpmctl.writes import as_write_error
 
 CHUNK = 1 << 20
@@ -57,11 +58,7 @@ def download_file(url: str, dest: Path, *, sha256: str, on_event: Event | None =
     """
     dest = Path(dest)
     if dest.is_file():
-        h = hashlib.sha256()
-        with open(dest, "rb") as f:
-            while chunk := f.read(CHUNK * 8):
-                h.update(chunk)
-        if h.hexdigest() == sha256:
+        if sha256_file(dest) == sha256:
             return dest
         dest.unlink()
     dest.parent.mkdir(parents=True, exist_ok=True)

@@ -28,8 +28,8 @@ import numpy as np
 
 from ddpmctl import __version__
 from ddpmctl.errors import DataError, UsageError
-from ddpmctl.smallfiles import read_object
 from ddpmctl.outdir import pid_alive
+from ddpmctl.smallfiles import read_object, sha256_file
 from ddpmctl.writes import WRITE_ERRNOS, as_write_error
 
 FORMAT = "ddpmctl-dataset/1"
@@ -79,14 +79,6 @@ def sanitize_name(text: str) -> str:
 
 def array_file(split: str) -> str:
     return f"images_{split}.npy"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------- reading
