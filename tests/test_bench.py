@@ -97,3 +97,24 @@ def test_bench_restores_global_flags():
     before = torch.are_deterministic_algorithms_enabled()
     bench.run("shapes", device="cpu", batch_size=2, steps=1, warmup=0, repeats=1, sample=False, peak=False)
     assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_guided_sampling_bench_runs_both_branches_in_one_forward():
+    """`bench --guidance W`: a 10-class version of the preset whose every timed network call carries the
+    conditional and the unconditional rows of each image (twice the sampling batch)."""
+    from ddpmctl.unet import UNet
+
+    seen: list[int] = []
+
+    def hook(module, args, _out):
+        if isinstance(module, UNet):
+            seen.append(args[0].shape[0])
+
+    handle = torch.nn.modules.module.register_module_forward_hook(hook)
+    try:
+        r = bench.run("shapes", device="cpu", train=False, peak=False, sample_batch_size=3, sample_steps=2,
+                      repeats=1, guidance=2.0)
+    finally:
+        handle.remove()
+    assert r["sample_guidance"] == 2.0 and r["sample_ms_per_step"] > 0
+    assert 6 in seen and 3 not in seen  # (the FLOP count's own forward passes use a batch of 2)

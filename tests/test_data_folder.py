@@ -159,3 +159,43 @@ def test_process_pool_decoding_matches_threads(tmp_path):
     assert procs.count == threads.count == 40
     assert np.array_equal(procs.array, threads.array)
     assert procs.skipped.counts == threads.skipped.counts == {"undecodable or truncated image": 1}
+
+
+def _class_tree(root: Path) -> Path:
+    """pets/cat: 3 bright images and one broken file; pets/dog: 2 dark images."""
+    for cls, value, n in (("cat", 200, 3), ("dog", 40, 2)):
+        (root / "pets" / cls).mkdir(parents=True)
+        for i in range(n):
+            _save(root / "pets" / cls / f"{i}.png", _solid(12, 12, (value, value, value)))
+    (root / "pets" / "cat" / "broken.png").write_bytes(b"not a png")
+    return root / "pets"
+
+
+def _check_labels(data) -> None:
+    assert data.classes == ["cat", "dog"]
+    bright = data.images.float().mean(dim=(1, 2, 3)) > 120
+    assert data.labels.tolist() == [0 if b else 1 for b in bright.tolist()]
+    assert sorted(data.labels.tolist()) == [0, 0, 0, 1, 1]  # the broken file is skipped, labels stay aligned
+
+
+def test_class_folders_give_labels_read_directly_and_prepared(tmp_path):
+    pets = _class_tree(tmp_path)
+    _check_labels(load_images(str(pets), image_size=8, channels=3))
+    res = download(str(pets), size=8)
+    assert res.info["classes"] == ["cat", "dog"] and res.info["labels"] == {"train": "labels_train.npy"}
+    _check_labels(load_images("pets", image_size=8, channels=3))
+    labels = res.path / "labels_train.npy"  # a changed label file is refused, never trusted
+    np.save(labels, np.array([1, 1, 1, 0, 0], dtype=np.int64), allow_pickle=False)
+    with pytest.raises(DataError, match="checksum"):
+        load_images("pets", image_size=8, channels=3)
+
+
+def test_loose_images_and_single_class_folders_have_no_labels(tmp_path):
+    (tmp_path / "loose").mkdir()
+    for i in range(2):
+        _save(tmp_path / "loose" / f"{i}.png", _solid(8, 8, (9, 9, 9)))
+    (tmp_path / "one" / "cat").mkdir(parents=True)
+    _save(tmp_path / "one" / "cat" / "a.png", _solid(8, 8, (9, 9, 9)))
+    for d in ("loose", "one"):
+        data = load_images(str(tmp_path / d), image_size=8, channels=3)
+        assert data.labels is None and data.classes is None

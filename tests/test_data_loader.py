@@ -106,3 +106,19 @@ def test_cuda_batches_match_cpu_bitwise_on_device_and_pinned(monkeypatch):
             b = ld.batch(e, i)
             assert b.device.type == "cuda" and b.dtype == torch.float32
             assert torch.equal(b.cpu(), ref)
+
+
+def test_batch_labels_follow_the_batch_rows():
+    """Image i holds the value i % 256 and label i: every batch's labels name its own images, on every
+    rank of a sharded loader too."""
+    n = 96
+    images = (torch.arange(n) % 256).to(torch.uint8).view(n, 1, 1, 1).expand(n, 1, 4, 4).contiguous()
+    labels = torch.arange(n, dtype=torch.int64)
+    for shard in ((0, 1), (1, 2)):
+        dl = DeviceLoader(images, 16, "cpu", seed=3, flip=False, shard=shard, labels=labels)
+        for epoch, index in ((0, 0), (2, 5)):
+            x = dl.batch(epoch, index)
+            got = torch.round((x[:, 0, 0, 0] + 1) * 127.5).long()
+            assert torch.equal(dl.batch_labels(epoch, index), got)
+    with pytest.raises(ValueError, match="labels"):
+        DeviceLoader(images, 16, "cpu", seed=3, labels=labels[:5])

@@ -71,6 +71,42 @@ def test_reproduce_command_is_a_sample_command():
     assert "--steps" not in D.reproduce_command("r", D.Request("ddpm", 1000, 0, 1))
 
 
+def test_class_requests_and_their_command():
+    """A conditional model's page: the class by name, the guidance bounded, both in the sample command; the
+    'none' entry draws unconditionally (no guidance)."""
+    classes = ["circle", "square", "triangle"]
+    req = D.make_request("ddim", 5, 3, 2, timesteps=1000, limits=LIMITS, cls="square", guidance=2.5, classes=classes)
+    assert (req.label, req.guidance) == (1, 2.5)
+    assert D.reproduce_command("r", req, classes=classes) == (
+        "ddpmctl sample r --sampler ddim --steps 5 --class square --guidance 2.5 --seed 3 --n 2 --out samples/")
+    plain = D.make_request("ddim", 5, 3, 2, timesteps=1000, limits=LIMITS, cls=D.ANY_CLASS, guidance=2.5,
+                           classes=classes)
+    assert (plain.label, plain.guidance) == (None, 0.0)
+    for cls, w, message in (("hexagon", 1, "not one of this model's: circle, square, triangle"),
+                            ("circle", -1, "guidance must be between 0 and"),
+                            ("circle", "x", "guidance must be a number")):
+        with pytest.raises(D.Refused, match=message):
+            D.make_request("ddim", 5, 0, 1, timesteps=1000, limits=LIMITS, cls=cls, guidance=w, classes=classes)
+
+
+def test_stream_of_a_class_is_what_generate_draws_for_it():
+    from ddpmctl.generate import generate
+    from ddpmctl.modelfolder import Denoiser
+    from ddpmctl.unet import build
+    from conftest import randomise
+
+    spec = S.resolve("shapes", sets=[*TINY, "model.conditional=true", "model.classes=a,b"])
+    den = Denoiser(randomise(build(spec.model)).eval(), spec, "mem", None, "ema")
+    req = D.make_request("ddim", 3, 4, 2, timesteps=spec.diffusion.timesteps, limits=LIMITS, cls="b", guidance=2,
+                         classes=["a", "b"])
+    final = [f for f in D.stream(den, req, device=torch.device("cpu"), precision=None) if f.final][0]
+    _, want, _ = next(generate(den, [4, 5], sampler="ddim", steps=3, device=torch.device("cpu"), labels=[1, 1],
+                               guidance=2.0))
+    _, other, _ = next(generate(den, [4, 5], sampler="ddim", steps=3, device=torch.device("cpu"), labels=[0, 0],
+                                guidance=2.0))
+    assert torch.equal(final.images, want) and not torch.equal(want, other)
+
+
 def test_without_the_extra_exit_1_with_the_install_command(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "gradio", None)  # `import gradio` fails as if it were not installed
     code, out, err = run_main(monkeypatch, capsys, "demo", "no-such-run")

@@ -367,3 +367,27 @@ def test_eval_fid_kid_end_to_end(run_dir, random_inception, cli, tmp_path):
     assert cache.is_file() and cache.parent == tmp_path / "data-root" / ".cache" / "inception-stats"
     log = rundir.read_eval_log(run_dir)[-1]
     assert log["sampler"] == own["sampler"] and log["n_samples"] == 2 and log["metrics"]["fid"]["value"] == fid["value"]
+
+
+def test_eval_of_a_conditional_model_reports_fid_kid_per_class(random_inception, cli, tmp_path):
+    """Samples cycle through the classes with the run's guidance; each class is scored against the reference
+    images of the same name (the reference folder lists its classes in another order on purpose)."""
+    from ddpmctl.images import save_png
+
+    r = cli("train", "shapes", "--conditional", "--max-steps", "2", "--batch-size", "4", *TINY, "--out", "RUN")
+    assert r.returncode == 0, r.stderr
+    for name in ("triangle", "circle", "square", "hexagon"):  # sorted: circle, hexagon, square, triangle
+        (tmp_path / "ref" / name).mkdir(parents=True)
+        for i in range(2):
+            save_png(tmp_path / "ref" / name / f"{i}.png", torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
+    r = cli("eval", "RUN", "--data", "ref", "--split", "train", "--metric", "fid,kid", "--n", "6", "--steps", "1",
+            "--guidance", "1.5", "--kid-subsets", "2", "--inception-weights", str(random_inception), "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["guidance"] == 1.5
+    for m in ("fid", "kid"):
+        per = out["metrics"][m]["per_class"]
+        assert list(per) == ["circle", "square", "triangle"] and all(math.isfinite(v) for v in per.values())
+    r = cli("eval", "RUN", "--data", "ref", "--split", "train", "--metric", "fid", "--n", "6", "--steps", "1",
+            "--inception-weights", str(random_inception))
+    assert r.returncode == 0 and "FID per class: circle " in r.stdout and "guidance 1" in r.stdout, r.stdout

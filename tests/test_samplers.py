@@ -500,3 +500,73 @@ def test_chunked_noise_depends_on_the_image_seed_only():
 def test_noise_chunk_depends_on_image_size_only():
     assert noise_chunk_steps((3, 32, 32)) == 42 and noise_chunk_steps((3, 64, 64)) == 10
     assert noise_chunk_steps((3, 512, 512)) == 1 and noise_chunk_steps((1, 2, 2)) == 64
+
+
+# --- classifier-free guidance -------------------------------------------------------------------
+
+
+def class_gaussian_model(s: Schedule, sd: float, means: list[float], calls: list | None = None):
+    """Exact predictor of a class-conditional model whose class c has data N(MU + means[c], sd^2 I); the
+    last entry of ``means`` is the null (unconditional) branch's mean. ``calls`` records batch sizes."""
+
+    def model(x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        if calls is not None:
+            calls.append(x.shape[0])
+        labels = cond.labels if cond is not None else torch.full((x.shape[0],), len(means) - 1)
+        mu = MU + torch.tensor(means, dtype=F64)[labels.cpu()].view(-1, 1, 1, 1)
+        return gaussian_model(s, sd, mu=mu)(x, t)
+
+    return model
+
+
+@NUMERICS
+@pytest.mark.parametrize("w", [0.0, 1.5])
+def test_guidance_moves_the_mean_as_the_closed_form_says(w):
+    """With equal variances, (1 + w) eps_c - w eps_u is exactly the eps of N(mu_c + w (mu_c - mu_u), sd^2),
+    so guided DDPM sampling lands there: w = 0 follows the class, w > 0 moves away from the unconditional
+    mean by w times the gap, and the spread stays sd. Both branches run in one forward pass per step."""
+    from ddpmctl.cond import Cond
+    from ddpmctl.samplers import guided
+
+    s = Schedule.create("cosine", 200)
+    means, sd, n = [0.15, -0.15, 0.05], 0.1, 64  # class 0, class 1, null (all within [-1, 1]: no clamping)
+    calls: list[int] = []
+    fn = guided(class_gaussian_model(s, sd, means, calls), w, null_label=2)
+    x_T, gens = draw(n)
+    labels = torch.tensor([0, 1] * (n // 2))
+    x, nfe = sample("ddpm", fn, s, x_T, gens, clip_denoised=False, cond=Cond(labels=labels))
+    for c in (0, 1):
+        expect = means[c] + w * (means[c] - means[2])
+        got = x[labels == c] - MU
+        assert abs(float(got.mean()) - expect) < 0.02, (c, float(got.mean()), expect)
+        assert abs(float(got.std()) - sd) < 0.01
+    assert len(calls) == nfe == 200
+    assert set(calls) == {2 * n if w else n}  # one batched call: conditional and null rows together
+
+
+@NUMERICS
+def test_guided_images_do_not_depend_on_the_batch():
+    """Image i of class c is the same drawn alone or among others (per-image seeds, per-image labels)."""
+    from ddpmctl.cond import Cond
+    from ddpmctl.samplers import guided
+
+    s = Schedule.create("cosine", 50)
+    fn = guided(class_gaussian_model(s, 0.2, [0.4, -0.4, 0.0]), 2.0, null_label=2)
+    x_T, gens = draw(4)
+    together, _ = sample("dpm-solver++", fn, s, x_T, gens, steps=10, eta=1.0, cond=Cond(labels=torch.tensor([0, 1, 1, 0])))
+    x1, g1 = draw(1, first_seed=2)
+    alone, _ = sample("dpm-solver++", fn, s, x1, g1, steps=10, eta=1.0, cond=Cond(labels=torch.tensor([1])))
+    torch.testing.assert_close(together[2:3], alone, rtol=0, atol=1e-12)
+
+
+def test_no_guidance_or_no_labels_is_one_plain_call():
+    from ddpmctl.samplers import guided
+
+    s = Schedule.create("cosine", 50)
+    model = class_gaussian_model(s, 0.2, [0.4, 0.0])
+    assert guided(model, 0.0, null_label=1) is model
+    calls: list[int] = []
+    fn = guided(class_gaussian_model(s, 0.2, [0.4, 0.0], calls), 3.0, null_label=1)
+    x = torch.zeros(3, *SHAPE, dtype=F64)
+    fn(x, torch.full((3,), 10), None)
+    assert calls == [3]

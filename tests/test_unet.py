@@ -161,3 +161,39 @@ def test_channels_last_network_matches_default_layout_on_cpu():
         ref = net(x, t)
         cl = net.to(memory_format=torch.channels_last)(x.contiguous(memory_format=torch.channels_last), t)
     torch.testing.assert_close(cl, ref, rtol=1e-4, atol=1e-5)
+
+
+def _conditional_spec(classes=("circle", "square", "triangle")):
+    return S.resolve("shapes", sets=["model.conditional=true", f"model.classes={','.join(classes)}"]).model
+
+
+def test_class_embedding_changes_the_output_and_the_null_class_is_the_default():
+    """A conditional network: labels change the prediction, each image's by its own label only; no
+    labels means the null class (the unconditional branch of guidance)."""
+    from ddpmctl.cond import Cond
+
+    sp = _conditional_spec()
+    m = build(sp).eval()
+    randomise(m)
+    x, t = torch.randn(3, 3, 32, 32), torch.tensor([10, 500, 900])
+    with torch.no_grad():
+        out = {c: m(x, t, Cond(labels=torch.full((3,), c))) for c in range(4)}
+        plain = m(x, t, None)
+        mixed = m(x, t, Cond(labels=torch.tensor([0, 2, 1])))
+    assert not torch.allclose(out[0], out[1])
+    torch.testing.assert_close(plain, out[3])  # label 3 = the null class
+    for i, c in enumerate([0, 2, 1]):
+        torch.testing.assert_close(mixed[i], out[c][i])
+
+
+def test_class_embedding_parameters_and_unconditional_refusal():
+    from ddpmctl.cond import Cond
+
+    cond_net, plain = build(_conditional_spec()), build(S.resolve("shapes").model)
+    emb = S.resolve("shapes").model.time_embed_dim
+    assert count_parameters(cond_net) - count_parameters(plain) == 4 * emb  # 3 classes + null
+    with pytest.raises(ValueError, match="unconditional"):
+        plain(torch.randn(1, 3, 32, 32), torch.tensor([1]), Cond(labels=torch.tensor([0])))
+    no_names = S.resolve("shapes", sets=["model.conditional=true"]).model
+    with pytest.raises(ValueError, match="class names"):
+        build(no_names)

@@ -249,10 +249,12 @@ def ddpmctl_train_step(spec: RunSpec, device: torch.device, precision, *, compil
 
 
 def ddpmctl_sampler(spec: RunSpec, device: torch.device, precision, batch_size: int, *, compile_mode=None,
-                    emit: Event = _ignore) -> Callable[[int], None]:
+                    emit: Event = _ignore, guidance: float | None = None) -> Callable[[int], None]:
     """run(n): n steps of ddpm_sample (the real loop: per-image noise, clipping, checks) with the
-    network as `ddpmctl sample` runs it, random weights (zeros would flatter the timing)."""
-    from ddpmctl.samplers import ddpm_sample, per_image_generators, randn_per_image
+    network as `ddpmctl sample` runs it, random weights (zeros would flatter the timing). ``guidance``
+    (a conditional spec): every image has class 0 and each step is guided (two branches, one forward)."""
+    from ddpmctl.cond import Cond
+    from ddpmctl.samplers import ddpm_sample, guided, per_image_generators, randn_per_image
     from ddpmctl.engine import compile_wanted, make_sample_fn
     from ddpmctl.unet import build
 
@@ -264,6 +266,10 @@ def ddpmctl_sampler(spec: RunSpec, device: torch.device, precision, batch_size: 
     net = net.to(device).eval()
     fn = make_sample_fn(net, precision, device, compile=compile_wanted(compile_mode, device), emit=emit)
     m = spec.model
+    cond = None
+    if guidance is not None:
+        fn = guided(fn, guidance, m.num_classes)
+        cond = Cond(labels=torch.zeros(batch_size, dtype=torch.long, device=device))
     shape = (m.channels, m.image_size, m.image_size)
     schedules: dict[int, Schedule] = {}
 
@@ -273,13 +279,18 @@ def ddpmctl_sampler(spec: RunSpec, device: torch.device, precision, batch_size: 
             schedules[n] = Schedule.create(kind, n).to(device)
         gens = per_image_generators(range(batch_size), device)
         x_T = randn_per_image(gens, shape, device)
-        ddpm_sample(fn, schedules[n], x_T, gens, prediction=spec.diffusion.prediction)
+        ddpm_sample(fn, schedules[n], x_T, gens, prediction=spec.diffusion.prediction, cond=cond)
 
     return run
 
 
-def resolve_spec(preset: str, device: torch.device, batch_size: int | None, precision: str) -> RunSpec:
-    overrides = {"train": {"batch_size": batch_size, "device": str(device), "precision": precision}}
+BENCH_CLASSES = tuple(str(i) for i in range(10))  # `bench --guidance`: a 10-class version of the preset
+
+
+def resolve_spec(preset: str, device: torch.device, batch_size: int | None, precision: str,
+                 conditional: bool = False) -> RunSpec:
+    overrides = {"train": {"batch_size": batch_size, "device": str(device), "precision": precision},
+                 "model": {"conditional": True, "classes": BENCH_CLASSES} if conditional else {}}
     return specmod.resolve(preset, overrides=overrides)
 
 
@@ -287,12 +298,13 @@ def run(preset: str = "cifar10", *, device: str | torch.device | None = None, ba
         steps: int | None = None, warmup: int | None = None, repeats: int | None = None,
         sample_batch_size: int | None = None,
         sample_steps: int | None = None, compile: bool | None = None, precision: str = "auto",
-        train: bool = True, sample: bool = True, peak: bool = True, emit: Event = _ignore) -> dict:
+        train: bool = True, sample: bool = True, peak: bool = True, guidance: float | None = None,
+        emit: Event = _ignore) -> dict:
     """Benchmark a preset on ``device`` (a resolved torch.device, as the CLI hands it; a name or None,
     auto, goes through :func:`ddpmctl.devices.resolve`); returns one flat dict (see docs/performance.md)."""
     dev = resolve(device)
     prec = choose_precision(precision, dev)
-    spec = resolve_spec(preset, dev, batch_size, precision)
+    spec = resolve_spec(preset, dev, batch_size, precision, conditional=guidance is not None)
     d = DEFAULTS.get(dev.type, DEFAULTS["cpu"])
     steps = steps or d["steps"]
     warmup = d["warmup"] if warmup is None else warmup
@@ -313,7 +325,7 @@ def run(preset: str = "cifar10", *, device: str | torch.device | None = None, ba
         "flops_per_image_train": flops["train"], "flops_per_image_forward": flops["forward"],
         "train_images_per_s": None, "train_step_ms": None, "peak_memory_bytes": None, "peak_memory_kind": None,
         "sample_batch_size": sample_bs, "sample_ms_per_step": None, "sample_images_per_s_1000_steps": None,
-        "sample_peak_memory_bytes": None, "achieved_tflops": None, "sample_achieved_tflops": None,
+        "sample_peak_memory_bytes": None, "sample_guidance": guidance, "achieved_tflops": None, "sample_achieved_tflops": None,
         "matmul_peak_tflops": None, "peak_dtype": None, "mfu": None, "sample_mfu": None, "warnings": [],
     }
 
@@ -339,13 +351,16 @@ def run(preset: str = "cifar10", *, device: str | torch.device | None = None, ba
             _free(dev)
         if sample:
             emit({"event": "bench", "message": f"sampling {preset} at batch {sample_bs}"})
-            run_steps = ddpmctl_sampler(spec, dev, prec, sample_bs, compile_mode=compile_mode, emit=note)
+            run_steps = ddpmctl_sampler(spec, dev, prec, sample_bs, compile_mode=compile_mode, emit=note,
+                                        guidance=guidance)
             r = measure_sampling(run_steps, sample_bs, dev, steps=sample_steps, repeats=repeats, emit=emit)
             out.update({"sample_ms_per_step": r["ms_per_step"],
                         "sample_images_per_s_1000_steps": r["images_per_s_1000_steps"],
                         "sample_repeats_ms": r["repeats_ms"], "sample_warmup_s": r["warmup_s"],
                         "sample_peak_memory_bytes": r["peak_memory_bytes"],
-                        "sample_achieved_tflops": sample_bs * flops["forward"] / (r["ms_per_step"] * 1e-3) / 1e12})
+                        "sample_guidance": guidance,  # None: unguided; else two network rows per image
+                        "sample_achieved_tflops": sample_bs * flops["forward"] * (1 if guidance is None else 2)
+                        / (r["ms_per_step"] * 1e-3) / 1e12})
             del run_steps
             _free(dev)
         if peak:

@@ -59,7 +59,8 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         library_name="ddpmctl",
         pipeline_tag="unconditional-image-generation",
         license=license,
-        tags=["ddpmctl", "diffusion", "ddpm", "unconditional-image-generation", "pytorch", "safetensors"],
+        tags=["ddpmctl", "diffusion", "ddpm", "unconditional-image-generation", "pytorch", "safetensors"]
+        + (["class-conditional", "classifier-free-guidance"] if m.get("conditional") else []),
         datasets=tr.get("hub_datasets") or None,
     )
     title = f"{tr.get('run') or 'ddpmctl model'}"
@@ -67,10 +68,13 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
     mult = ", ".join(str(x) for x in m["channel_mult"])
     attn = ", ".join(f"{r}×{r}" for r in m["attention_resolutions"]) or "none"
     cmd = sample_command(source, g)
+    classes = list(m.get("classes") or []) if m.get("conditional") else []
+    kind = (f"A class-conditional (classifier-free guidance, Ho & Salimans 2022) {size}×{size}" if classes
+            else f"An unconditional {size}×{size}")
     lines = [
         f"# {title}",
         "",
-        f"An unconditional {size}×{size} {'RGB' if ch == 3 else 'grayscale'} image model: a denoising diffusion "
+        f"{kind} {'RGB' if ch == 3 else 'grayscale'} image model: a denoising diffusion "
         f"probabilistic model (Ho et al. 2020) trained with ddpmctl {config['ddpmctl_version']}, a command-line "
         "tool that is installed from its source repository (it is not on PyPI yet).",
         "",
@@ -82,7 +86,12 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         "pipx install .        # in a checkout of the ddpmctl repository; or: pip install .",
         cmd,
         f"ddpmctl grid samples/ --out {g['file']}",
+        *([f"{cmd} --class {shlex.quote(classes[0])} --guidance {config['sample'].get('guidance', 1.0):g}"]
+          if classes else []),
         "```",
+        *(["", f"Classes ({len(classes)}, `--class NAME`, an index, or `all`): "
+           + ", ".join(f"`{c}`" for c in classes[:100]) + (" …" if len(classes) > 100 else "")
+           + ". Without `--class` the model draws unconditionally (its null class)."] if classes else []),
         "",
         f"`{g['file']}` above is exactly this: images {g['seed']}..{g['seed'] + g['n'] - 1} (image *i* uses seed "
         f"*i*, whatever the batch size), drawn in float32 with the `{g['sampler']}` sampler and laid out "

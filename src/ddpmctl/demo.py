@@ -39,6 +39,8 @@ from ddpmctl.sampler_registry import SAMPLERS, get_sampler
 EXTRA_INSTALL = install_hint("demo")
 EXTRA_HINT = f"ddpmctl demo needs the optional 'demo' extra (gradio): {EXTRA_INSTALL}"
 
+ANY_CLASS = "(none: unconditional)"  # the class picker's entry for the null class
+MAX_GUIDANCE = 10.0
 DEFAULT_MAX_WORK = 4000  # images × steps per request: 16 images × 250 steps, or 4 images of full DDPM
 DEFAULT_MAX_IMAGES = 16
 DEFAULT_QUEUE_SIZE = 8  # requests waiting beyond the one running; more are told the queue is full
@@ -76,6 +78,8 @@ class Request:
     steps: int
     seed: int
     n: int
+    label: int | None = None  # conditional models: the class index (None: unconditional)
+    guidance: float = 0.0
 
     @property
     def seeds(self) -> list[int]:
@@ -90,8 +94,11 @@ class Refused(ValueError):
     """A request the page declines, with the reason to show."""
 
 
-def make_request(sampler: str, steps: Any, seed: Any, n: Any, *, timesteps: int, limits: Limits) -> Request:
+def make_request(sampler: str, steps: Any, seed: Any, n: Any, *, timesteps: int, limits: Limits,
+                 cls: str | None = None, guidance: Any = 0.0, classes: Sequence[str] = ()) -> Request:
     """Validate the page's values; raise :class:`Refused` with a message for the user.
+
+    ``cls``: a class name of ``classes`` (a conditional model's), or None / :data:`ANY_CLASS` for none.
 
     A sampler that runs all T steps (ddpm) does so whatever ``steps`` says, as ``ddpmctl sample`` does. A seed left
     empty is drawn at random (and shown, like every seed).
@@ -114,7 +121,18 @@ def make_request(sampler: str, steps: Any, seed: Any, n: Any, *, timesteps: int,
         raise Refused(f"seed must be between 0 and {SEED_MAX}, got {seed_i}")
     if not 1 <= n_i <= limits.max_images:
         raise Refused(f"number of images must be between 1 and {limits.max_images}, got {n_i}")
-    req = Request(sampler, steps_i, seed_i, n_i)
+    label = None
+    if cls not in (None, "", ANY_CLASS):
+        if cls not in classes:
+            raise Refused(f"class {cls!r} is not one of this model's: {', '.join(classes[:20]) or 'none'}")
+        label = list(classes).index(cls)
+    try:
+        w = float(guidance or 0.0)
+    except (TypeError, ValueError):
+        raise Refused(f"guidance must be a number >= 0, got {guidance!r}") from None
+    if not 0.0 <= w <= MAX_GUIDANCE:
+        raise Refused(f"guidance must be between 0 and {MAX_GUIDANCE:g}, got {w:g}")
+    req = Request(sampler, steps_i, seed_i, n_i, label, w if label is not None else 0.0)
     if req.work > limits.max_work:
         raise Refused(f"{n_i} image(s) × {steps_i} steps = {req.work} image-steps is over this demo's limit of "
                       f"{limits.max_work}; use fewer images or steps (or `ddpmctl sample` for big jobs)")
@@ -168,9 +186,10 @@ def stream(den: Denoiser, req: Request, *, device: torch.device, precision: Prec
     def work() -> None:
         try:
             eta = run_defaults(den.spec, req.sampler)[2]  # as `ddpmctl sample` without --eta
+            labels = None if req.label is None else [req.label] * req.n
             for start, imgs, nfe in generate(den, req.seeds, sampler=req.sampler, steps=req.steps, eta=eta,
                                              batch_size=batch_size, device=device, precision=precision,
-                                             callback_factory=factory):
+                                             callback_factory=factory, labels=labels, guidance=req.guidance):
                 events.put(("batch", start, nfe, imgs))
             events.put(("end",))
         except _Stop:
@@ -200,11 +219,13 @@ def stream(den: Denoiser, req: Request, *, device: torch.device, precision: Prec
         worker.join()
 
 
-def reproduce_command(source: str, req: Request, *, extra: Sequence[str] = ()) -> str:
+def reproduce_command(source: str, req: Request, *, extra: Sequence[str] = (), classes: Sequence[str] = ()) -> str:
     """The `ddpmctl sample` command that writes these images (image i -> OUT/00000i.png)."""
     args = ["ddpmctl", "sample", source, "--sampler", req.sampler]
     if not get_sampler(req.sampler).all_steps:
         args += ["--steps", str(req.steps)]
+    if req.label is not None:
+        args += ["--class", classes[req.label], "--guidance", f"{req.guidance:g}"]
     args += ["--seed", str(req.seed), "--n", str(req.n), *extra, "--out", "samples/"]
     return shlex.join(args)
 
@@ -225,7 +246,8 @@ def build_app(den: Denoiser, *, device: torch.device, precision: Precision | Non
     """The gradio Blocks app for ``den``; call :func:`launch` (or ``.launch()``) to serve it.
 
     ``source`` and ``sample_args`` (e.g. ``--no-ema``, ``--device cuda``) go into the `ddpmctl sample`
-    command shown under the images. The one endpoint, ``/generate(sampler, steps, seed, n)``, streams
+    command shown under the images. The one endpoint, ``/generate(sampler, steps, seed, n)`` (plus ``cls,
+    guidance`` for a conditional model: a class picker and a guidance slider), streams
     ``(gallery, status markdown, seed)``.
     """
     gr = require_gradio()
@@ -236,9 +258,13 @@ def build_app(den: Denoiser, *, device: torch.device, precision: Precision | Non
     source = source or den.source
     where = describe(device) + (f", {precision.name}" if precision is not None else "")
 
-    def on_generate(sampler: str, steps: float, seed: float | None, n: float):
+    classes = list(spec.model.classes) if spec.model.num_classes else []
+
+    def on_generate(sampler: str, steps: float, seed: float | None, n: float, cls: str | None = None,
+                    guidance: float = 0.0):
         try:
-            req = make_request(sampler, steps, seed, n, timesteps=T, limits=limits)
+            req = make_request(sampler, steps, seed, n, timesteps=T, limits=limits, cls=cls, guidance=guidance,
+                               classes=classes)
         except Refused as exc:
             yield [], f"**Refused:** {exc}", seed
             return
@@ -259,7 +285,7 @@ def build_app(den: Denoiser, *, device: torch.device, precision: Precision | Non
                         f"({fr.network_evaluations} network evaluations each) in {time.perf_counter() - t0:.1f} s "
                         f"on {where} · **{seeds}**\n\n"
                         f"Same images from the command line:\n\n"
-                        f"`{reproduce_command(source, req, extra=sample_args)}`"
+                        f"`{reproduce_command(source, req, extra=sample_args, classes=classes)}`"
                     ), req.seed
             except DdpmctlError as exc:
                 yield [], f"**Error:** {exc}", req.seed
@@ -288,6 +314,11 @@ def build_app(den: Denoiser, *, device: torch.device, precision: Precision | Non
                                      info="image i uses seed + i", scale=3)
                     dice = gr.Button("Random", scale=1, min_width=80)
                 n = gr.Slider(1, limits.max_images, value=min(4, limits.max_images), step=1, label="Images")
+                picks = []
+                if classes:  # a conditional model: which class, how strongly guided
+                    picks = [gr.Dropdown([ANY_CLASS, *classes], value=classes[0], label="Class"),
+                             gr.Slider(0, MAX_GUIDANCE, value=spec.sample.guidance, step=0.25,
+                                       label="Guidance", info="0: none; higher: more typical, less varied")]
                 go = gr.Button("Generate", variant="primary", elem_id=GENERATE_ID)
             with gr.Column(scale=2):
                 gallery = gr.Gallery(label="Images", format="png", columns=4, height="auto", object_fit="contain",
@@ -295,7 +326,7 @@ def build_app(den: Denoiser, *, device: torch.device, precision: Precision | Non
                 status = gr.Markdown("Press Generate.", elem_id=STATUS_ID)
         sampler.change(on_sampler, sampler, steps, api_visibility="private", queue=False)
         dice.click(random_seed, None, seed, api_visibility="private", queue=False)
-        go.click(on_generate, [sampler, steps, seed, n], [gallery, status, seed], api_name="generate",
+        go.click(on_generate, [sampler, steps, seed, n, *picks], [gallery, status, seed], api_name="generate",
                  show_progress="minimal")
     app.queue(max_size=limits.queue_size, default_concurrency_limit=1)
     return app

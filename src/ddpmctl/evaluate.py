@@ -612,6 +612,7 @@ class EvalOptions:
     sampler: str | None = None  # default: the run's spec.sample (generate.run_defaults), as `sample` draws
     steps: int | None = None
     eta: float | None = None
+    guidance: float | None = None  # conditional models: classifier-free guidance (default the run's sample.guidance)
     variance: str = "beta_tilde"  # ddpm's sigma_t^2: beta_tilde or beta
     seed: int = 0
     batch_size: int = 64
@@ -707,12 +708,16 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
         eta = run_eta if opts.eta is None else opts.eta
         seeds = list(range(opts.seed, opts.seed + n))
         nfe = 0
+        # a conditional model: image i of class i mod K (the classes equally often), guided
+        k = spec.model.num_classes
+        labels = [i % k for i in range(n)] if k else None
+        guidance = (spec.sample.guidance if opts.guidance is None else opts.guidance) if k else None
 
         def sample_batches() -> Iterator[Tensor]:
             nonlocal nfe
             for _, imgs, nfe in generate(den, seeds, sampler=sampler, steps=steps, eta=eta,
                                          batch_size=opts.batch_size, device=device, precision=precision,
-                                         variance=opts.variance):
+                                         variance=opts.variance, labels=labels, guidance=guidance or 0.0):
                 yield imgs
 
         feats = extract_features(extractor, sample_batches(), n, stage="samples", on_event=on_event)
@@ -721,6 +726,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
                        "eta": how.eta_or_none(eta),
                        "variance": how.variance_or_none(opts.variance), "n_samples": n, "seed": opts.seed,
                        "precision": precision.name, "inception_weights": extractor.weights_id[:16]})
+        if k:
+            record["guidance"] = guidance
         if "fid" in metrics:
             fid = frechet_distance_from_features(feats, ref.mu, ref.sigma)
             if not math.isfinite(fid):
@@ -729,9 +736,16 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
                               "note": (f"fewer than {FID_UNBIASED_N:,} samples: biased upward" if n < FID_UNBIASED_N
                                        else f"{n:,} samples, as in the papers")}
         if "kid" in metrics:
-            k = kernel_inception_distance(feats, ref.features, subsets=opts.kid_subsets,
-                                          subset_size=opts.kid_subset_size, seed=opts.seed, device=device)
-            results["kid"] = {**k, "n": n, "reference": ref_info}
+            kid = kernel_inception_distance(feats, ref.features, subsets=opts.kid_subsets,
+                                            subset_size=opts.kid_subset_size, seed=opts.seed, device=device)
+            results["kid"] = {**kid, "n": n, "reference": ref_info}
+        if k:
+            per_class = _per_class(feats, np.array(labels), ref.features, data.labels, data.classes,
+                                   spec.model.classes, metrics, opts, device)
+            for m, values in per_class.items():
+                results[m]["per_class"] = values
+            if data.labels is None:
+                emit({"event": "warning", "message": f"{data_source} has no class labels: FID/KID overall only"})
 
     record.update({"metrics": results, "device": str(device), "ddpmctl": __version__,
                    "seconds": round(time.perf_counter() - t0, 3)})
@@ -748,6 +762,31 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
             emit({"event": "message", "message": f"{den.source} is not a local directory: nothing appended to "
                                                  f"{EVAL_LOG} (use --json to keep the result)"})
     return record
+
+
+def _per_class(feats: np.ndarray, labels: np.ndarray, ref_feats: np.ndarray, ref_labels: Tensor | None,
+               ref_classes: Sequence[str] | None, classes: Sequence[str], metrics: list[str], opts: EvalOptions,
+               device) -> dict[str, dict]:
+    """{metric: {class name: value}}: each class's samples against the reference images of the class of that
+    name (classes with fewer than two images on either side are left out); {} without reference labels."""
+    if ref_labels is None or not ref_classes:
+        return {}
+    ref_labels = ref_labels.numpy()
+    out: dict[str, dict] = {m: {} for m in metrics if m in ("fid", "kid")}
+    for c, name in enumerate(classes):
+        if name not in ref_classes:
+            continue
+        mine, theirs = feats[labels == c], ref_feats[ref_labels == list(ref_classes).index(name)]
+        if len(mine) < 2 or len(theirs) < 2:
+            continue
+        if "fid" in out:
+            mu, sigma = feature_stats(theirs)
+            out["fid"][name] = frechet_distance_from_features(mine, mu, sigma)
+        if "kid" in out:
+            out["kid"][name] = kernel_inception_distance(mine, theirs, subsets=opts.kid_subsets,
+                                                         subset_size=opts.kid_subset_size, seed=opts.seed,
+                                                         device=device)["value"]
+    return out
 
 
 def _step_of(checkpoint: str | None) -> int | None:

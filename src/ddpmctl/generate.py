@@ -16,7 +16,8 @@ from ddpmctl.devices import Precision
 from ddpmctl.diffusion import Schedule
 from ddpmctl.images import to_uint8
 from ddpmctl.modelfolder import Denoiser
-from ddpmctl.samplers import get_sampler, per_image_generators, randn_per_image, sample
+from ddpmctl.errors import UsageError
+from ddpmctl.samplers import get_sampler, guided, per_image_generators, randn_per_image, sample
 from ddpmctl.spec import RunSpec
 from ddpmctl.unet import UNet
 
@@ -48,6 +49,8 @@ def generate(
     compile: str | bool | None = None,
     cuda_graph: bool | None = None,
     on_warning: Callable[[str], None] | None = None,
+    labels: Sequence[int] | None = None,
+    guidance: float = 0.0,
 ) -> Iterator[tuple[int, torch.Tensor, int]]:
     """Yield (first_index, uint8 images (B, C, H, W), network evaluations) batch by batch.
 
@@ -56,7 +59,11 @@ def generate(
     compiled when ``compile`` says so (None = auto: on CUDA when the call does at least
     :data:`COMPILE_MIN_IMAGE_STEPS` image-steps, where compilation pays for itself; a failed
     compilation falls back to eager with a warning). ``batch_size``
-    None picks one from free device memory. Image i depends only on seeds[i] whatever the batching.
+    None picks one from free device memory. Image i depends only on seeds[i] (and labels[i]) whatever
+    the batching.
+
+    ``labels`` (conditional models): a class index per seed; ``guidance`` the classifier-free guidance
+    weight W (:func:`ddpmctl.samplers.guided`: each guided evaluation runs the network on twice the batch).
     The process's backend flags (TF32, cuDNN autotuning) are the caller's: the CLI sets them once per
     command (:func:`ddpmctl.devices.set_fast_math`); this function leaves them as they are.
     """
@@ -74,15 +81,65 @@ def generate(
         if on_warning is not None and event.get("event") == "warning":
             on_warning(event["message"])
 
+    check_labels(s, labels, guidance, len(seeds))
     fn = make_sample_fn(den.model, precision, device, compile=compile, cuda_graph=cuda_graph, emit=emit)
+    if labels is not None:
+        fn = guided(fn, guidance, s.model.num_classes)
     for start in range(0, len(seeds), batch_size):
         batch_seeds = list(seeds[start : start + batch_size])
         gens = per_image_generators(batch_seeds, device)
         x_T = randn_per_image(gens, shape, device)
         cb = callback_factory(start) if callback_factory else None
+        cond = None if labels is None else Cond(labels=torch.tensor(
+            list(labels[start : start + batch_size]), dtype=torch.long, device=device))
         x0, nfe = sample(sampler, fn, schedule, x_T, gens, steps=steps, eta=eta,
-                         prediction=s.diffusion.prediction, variance=variance, callback=cb)
+                         prediction=s.diffusion.prediction, variance=variance, callback=cb, cond=cond)
         yield start, to_uint8(x0), nfe
+
+
+def check_labels(spec: RunSpec, labels: Sequence[int] | None, guidance: float, n: int) -> None:
+    """Labels fit the model: one per image, each a class of a conditional model; guidance >= 0."""
+    k = spec.model.num_classes
+    if labels is None:
+        return
+    if not k:
+        raise UsageError("this model is unconditional: it takes no class (train with --conditional for one that does)")
+    if len(labels) != n:
+        raise ValueError(f"{len(labels)} labels for {n} images")
+    bad = sorted({int(c) for c in labels if not 0 <= int(c) < k})
+    if bad:
+        raise UsageError(f"class index {bad[0]} is out of range: this model has {k} classes (0..{k - 1})")
+    if not guidance >= 0:
+        raise UsageError(f"guidance must be >= 0 (0: none), got {guidance}")
+
+
+def per_class(classes: Sequence[int], per_row: int, seed: int) -> tuple[list[int], list[int]]:
+    """(seeds, labels) for a grid with one row per class: column i uses seed + i in every row, the same
+    starting noise, so the rows differ by their class only."""
+    seeds = [seed + i for _ in classes for i in range(per_row)]
+    return seeds, [c for c in classes for _ in range(per_row)]
+
+
+def parse_classes(spec: RunSpec, text: str) -> list[int]:
+    """`--class` values -> class indices: a name, an index, a comma-separated list of either, or ``all``."""
+    names = list(spec.model.classes)
+    if not spec.model.num_classes:
+        raise UsageError("--class needs a class-conditional model; this one is unconditional "
+                         "(train one with --conditional)")
+    accepted = f"accepted: all, 0..{len(names) - 1}, or a name: {', '.join(names[:20])}" + (
+        ", ..." if len(names) > 20 else "")
+    if text.strip() == "all":
+        return list(range(len(names)))
+    out = []
+    for part in text.split(","):
+        p = part.strip()
+        if p in names:
+            out.append(names.index(p))
+        elif p.isdigit() and int(p) < len(names):
+            out.append(int(p))
+        else:
+            raise UsageError(f"unknown class {p!r}; {accepted}")
+    return out
 
 
 # Below this many (images x network evaluations) a sampling call runs uncompiled on CUDA: compiling

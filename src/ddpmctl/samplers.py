@@ -54,11 +54,41 @@ __all__ = [
     "dpm_solver_timesteps",
     "dpm_solver_pp_sample",
     "sample",
+    "guided",
 ]
 
 SamplerCallback = Callable[[int, int, Tensor, Tensor], None]
 
 _CHECK_EVERY = 50  # steps between finiteness checks (each one is a host-device sync)
+
+
+# ---------------------------------------------------------------------------------------------
+# Classifier-free guidance: a model_fn around a model_fn, so every sampler gets it unchanged
+# ---------------------------------------------------------------------------------------------
+
+
+def guided(model_fn: ModelFn, guidance: float, null_label: int) -> ModelFn:
+    """Classifier-free guidance (Ho & Salimans 2022, eq. 6) as a model function of the same interface:
+    out = (1 + w) * f(x, t, c) - w * f(x, t, null), with w = ``guidance``.
+
+    Applied to the network's own output (eps, or v: both are affine in x_t with the same x_t
+    coefficient at a given t, so guiding v is guiding eps). The conditional and the unconditional
+    branch run as one forward pass over the batch twice (labels, then the null label ``null_label``),
+    so each image's output depends on its own inputs only, not on the batch around it. Calls without
+    labels (or w = 0) go straight through: one evaluation, no guidance.
+    """
+    if guidance == 0:
+        return model_fn
+
+    def fn(x: Tensor, t: Tensor, cond: Cond | None = None) -> Tensor:
+        if cond is None or cond.labels is None:
+            return model_fn(x, t, cond)
+        labels = cond.labels
+        both = Cond(labels=torch.cat([labels, torch.full_like(labels, null_label)]))
+        c, u = model_fn(torch.cat([x, x]), torch.cat([t, t]), both).chunk(2)
+        return torch.lerp(u, c, 1.0 + guidance)  # u + (1 + w)(c - u) = (1 + w) c - w u
+
+    return fn
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from ddpmctl.smallfiles import read_object
 
 SPEC_VERSION = 1
 MAX_CHANNEL_MULT = 16  # widest level = base_channels x 16 at most (the presets use up to 4)
+MAX_CLASSES = 100_000  # class embedding rows (ImageNet-21k has 21,841 classes)
 
 
 class _Section(BaseModel):
@@ -36,9 +37,23 @@ class ModelSpec(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in residual blocks.")
     time_embed_dim: int = Field(256, ge=16, le=4096, description="Sinusoidal timestep embedding size.")
     groups: int = Field(32, ge=1, le=128, description="GroupNorm groups.")
+    conditional: bool = Field(False, description="Class-conditional network (classifier-free guidance): a class "
+                              "embedding joins the time embedding; needs labelled data.")
+    classes: tuple[str, ...] = Field((), max_length=MAX_CLASSES, description="Class names, in label order (filled "
+                                     "from the data when a conditional run starts).")
+
+    @property
+    def num_classes(self) -> int:
+        """Classes of a conditional network (0: unconditional); label ``num_classes`` is the null class."""
+        return len(self.classes) if self.conditional else 0
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
+        if self.classes and not self.conditional:
+            raise ValueError("classes are given but conditional is false; set model.conditional=true "
+                             "(or leave classes empty for an unconditional network)")
+        if len(set(self.classes)) != len(self.classes) or any(not c.strip() for c in self.classes):
+            raise ValueError(f"class names must be distinct and non-empty, got {list(self.classes)[:20]}")
         levels = len(self.channel_mult)
         if any(not 1 <= m <= MAX_CHANNEL_MULT for m in self.channel_mult):
             raise ValueError(f"channel_mult entries must be integers from 1 to {MAX_CHANNEL_MULT} (e.g. [1, 2, 2, 2]), "
@@ -117,6 +132,9 @@ class TrainSpec(_Section):
     log_every: int = Field(50, ge=1, description="Read metrics from the device and log every N steps.")
     compile: Literal["auto", "on", "off"] = Field("auto", description="torch.compile: auto = on for CUDA.")
     deterministic: bool = Field(False, description="Deterministic algorithms (always on for CPU).")
+    label_dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Conditional runs: share of training images "
+                                 "whose label is replaced by the null class, so one network also learns the "
+                                 "unconditional prediction that classifier-free guidance needs.")
     time_limit: Optional[float] = Field(None, gt=0, le=365 * 86400, description="Seconds of this process's wall "
                                         "time after which training stops at the next step boundary with a "
                                         "checkpoint (also 30m, 2h, 1d); `ddpmctl resume` continues.")
@@ -147,6 +165,8 @@ class SampleSpec(_Section):
     sampler: SamplerName = "ddim"
     steps: int = Field(50, ge=1, le=10000)
     eta: float = Field(0.0, ge=0.0, le=1.0)
+    guidance: float = Field(1.0, ge=0.0, le=100.0, description="Classifier-free guidance weight W of conditional "
+                            "runs: (1 + W) * pred(x, class) - W * pred(x, null); 0 = no guidance.")
     grid_size: int = Field(64, ge=1, le=1024, description="Images in the per-epoch grid.")
     seed: int = Field(1234, ge=0)
 

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ddpmctl import checkpoint as ck
 from ddpmctl import rundir
 from ddpmctl.bench import ESTIMATE_MIN_STEPS, estimate_step_seconds
+from ddpmctl.cond import Cond
 from ddpmctl.devices import choose_precision, describe, resolve, set_fast_math
 from ddpmctl.dist import SINGLE, Dist, DistError, check_batch, fingerprint, rank_device
 from ddpmctl.ema import EMA
@@ -48,6 +49,7 @@ PROCESS_START = time.monotonic()  # train.time_limit counts this process's wall 
 _TIME_LIMIT_FLAG = 1 << 8  # above any signal number: the stop flags of all ranks agree in one max_int
 GRID_NROW = 8
 GRID_PADDING = 2
+GRID_MAX_CLASS_ROWS = 16  # a conditional run's grids show its first 16 classes, a row each
 
 
 class Interrupted(DdpmctlError):
@@ -281,16 +283,32 @@ class _Trainer:
         data = load(allow_download=allow_download) if dist.local_rank == 0 else None
         dist.barrier()
         data = data if data is not None else load(allow_download=False)
+        labels = self.use_classes(data) if spec.model.conditional else None
         self.n_images = int(data.images.shape[0])
         self.global_batch = min(tr.batch_size, self.n_images)
         check_batch(self.global_batch, dist.world_size)
         # before the model is allocated: a spec that cannot fit the device is refused with the estimate
         check_fits(spec, self.device, self.precision.name, math.ceil(self.global_batch / dist.world_size))
         self.loader = DeviceLoader(data.images, tr.batch_size, self.device, seed=tr.seed, flip=spec.data.flip,
-                                   shard=(dist.rank, dist.world_size))
+                                   shard=(dist.rank, dist.world_size), labels=labels)
         self.steps_per_epoch = self.loader.steps_per_epoch
         self.total_steps = tr.max_steps or tr.epochs * self.steps_per_epoch
         self.rows = dist.shard(self.global_batch)  # this rank's rows of the global t and noise
+
+    def use_classes(self, data) -> torch.Tensor:
+        """A conditional run takes the data's labels; its class names go into spec.model.classes (and so
+        into spec.json) when the spec has none, and must equal them when it has (resume, --set)."""
+        from ddpmctl.data.labels import why_unlabelled
+
+        model = self.spec.model
+        if data.labels is None:
+            raise UsageError(why_unlabelled(data.info))
+        if not model.classes:
+            model.classes = tuple(data.classes)
+        elif list(model.classes) != list(data.classes):
+            raise UsageError(f"the spec's classes {list(model.classes)[:10]} differ from the data's "
+                             f"{list(data.classes)[:10]} ({data.name}); train on the data the model was made for")
+        return data.labels
 
     def build(self) -> None:
         """Model, schedule, optimizer, EMA (identical on every rank: same seed; DDP checks it), the
@@ -475,17 +493,22 @@ class _Trainer:
             self.last_ckpt = ck.find_newest(self.run_dir).path
         return self.result(None)
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x0, t, noise): this rank's rows of the global batch; t and noise drawn for the whole global
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Cond | None]:
+        """(x0, t, noise, cond): this rank's rows of the global batch; t and noise drawn for the whole global
         batch on every rank (same generator state everywhere), so they do not depend on the rank count."""
         epoch, index = divmod(self.c.step, self.steps_per_epoch)
         x0 = self.loader.batch(epoch, index)
         gb, device = self.global_batch, self.device
         t = torch.randint(0, self.spec.diffusion.timesteps, (gb,), device=device, generator=self.gen)[self.rows]
         noise = torch.randn((gb, *x0.shape[1:]), device=device, generator=self.gen)[self.rows]
-        return x0, t, noise
+        cond = None
+        if self.spec.model.conditional:  # label dropout: the null class trains the unguided prediction
+            labels = self.loader.batch_labels(epoch, index)
+            drop = torch.rand(gb, device=device, generator=self.gen)[self.rows] < self.tr.label_dropout
+            cond = Cond(labels=labels.masked_fill(drop, self.spec.model.num_classes))
+        return x0, t, noise, cond
 
-    def train_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> float:
+    def train_step(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, cond: Cond | None) -> float:
         """Forward / backward / update / EMA (no host sync; a non-finite step is skipped on the
         device); returns the learning rate it took."""
         c, op, training = self.c, self.op, self.training
@@ -495,7 +518,7 @@ class _Trainer:
                        "message": f"step {c.step}: SGD warm start over, switching to AdamW with a fresh state"})
         lr = get_lr(c.step, op.lr, op.warmup_steps) * c.lr_scale
         with self.dist.guard():  # a rank that died shows up here first, as a failed all-reduce
-            loss, gnorm, finite = training.step(x0, t, noise, lr)
+            loss, gnorm, finite = training.step(x0, t, noise, lr, cond)
         c.step += 1
         c.images_seen += self.global_batch
         c.window_steps += 1
@@ -748,7 +771,7 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
     """Draw the fixed-seed grid with the EMA weights and save samples/epoch_NNNN.png.
 
     Runs under fork_rng: building the throw-away network must not move the training RNG streams."""
-    from ddpmctl.generate import generate
+    from ddpmctl.generate import generate, per_class
     from ddpmctl.modelfolder import Denoiser
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -757,19 +780,24 @@ def _sample_grid(spec: RunSpec, run_dir: Path, ema: EMA, device, precision, epoc
     net.eval()
     den = Denoiser(net, spec, str(run_dir), None, "ema")
     sp = spec.sample
-    seeds = [sp.seed + i for i in range(sp.grid_size)]
+    seeds, labels, nrow = [sp.seed + i for i in range(sp.grid_size)], None, GRID_NROW
+    if spec.model.num_classes:  # one row per class (the first GRID_MAX_CLASS_ROWS), same noise per column
+        seeds, labels = per_class(range(min(spec.model.num_classes, GRID_MAX_CLASS_ROWS)), GRID_NROW, sp.seed)
     try:
         imgs = torch.cat([b for _, b, _ in generate(den, seeds, sampler=sp.sampler, steps=sp.steps, eta=sp.eta,
-                                                    batch_size=256, device=device, precision=precision)])
+                                                    batch_size=256, device=device, precision=precision,
+                                                    labels=labels, guidance=sp.guidance)])
     except NonFiniteError as exc:
         raise NonFiniteError(f"the sample grid at training step {step} (epoch {epoch}): {exc}") from None
     out_dir = run_dir / rundir.SAMPLES_DIR
     out_dir.mkdir(exist_ok=True)
     path = out_dir / f"epoch_{epoch:04d}.png"
-    save_png(path, make_grid(imgs, nrow=GRID_NROW, padding=GRID_PADDING))
-    rundir.add_sample_grid(run_dir, {"epoch": epoch, "file": path.name, "n": len(seeds), "nrow": GRID_NROW,
-                                     "padding": GRID_PADDING, "seed": sp.seed, "sampler": sp.sampler,
-                                     "steps": sp.steps},
+    save_png(path, make_grid(imgs, nrow=nrow, padding=GRID_PADDING))
+    entry = {"epoch": epoch, "file": path.name, "n": len(seeds), "nrow": nrow, "padding": GRID_PADDING,
+             "seed": sp.seed, "sampler": sp.sampler, "steps": sp.steps}
+    if labels is not None:
+        entry.update(rows="class", classes=list(spec.model.classes[:GRID_MAX_CLASS_ROWS]), guidance=sp.guidance)
+    rundir.add_sample_grid(run_dir, entry,
                            on_warning=lambda message: emit({"event": "warning", "message": message}))
     emit({"event": "sample", "epoch": epoch, "path": str(path)})
     del net

@@ -162,6 +162,15 @@ class UNet(nn.Module):
         ch, g, drop = spec.base_channels, spec.groups, spec.dropout
         emb_dim = spec.time_embed_dim
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, emb_dim), nn.SiLU())
+        # Class-conditional: one learned row per class plus the null class (row num_classes) that
+        # classifier-free guidance's unconditional branch uses; added to the time embedding, so the
+        # adaptive GroupNorm of every block sees it (Ho & Salimans 2022; guided-diffusion's label_emb).
+        self.num_classes = spec.num_classes
+        if spec.conditional:
+            if not spec.classes:
+                raise ValueError("a conditional network needs its class names (model.classes): they are "
+                                 "filled from the data when training starts")
+            self.class_emb = nn.Embedding(self.num_classes + 1, emb_dim)
         self.conv_in = nn.Conv2d(spec.channels, ch, 3, padding=1)
 
         def attn_or_id(c: int, res: int) -> nn.Module:
@@ -213,9 +222,14 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """The prediction at (x_t, t) given ``cond`` (:mod:`ddpmctl.cond`; None: unconditional)."""
-        if cond is not None and cond.tensors():
-            raise ValueError("this network is unconditional: it takes no class labels")
+        labels = cond.labels if cond is not None else None
         emb = self.time_mlp(timestep_embedding(t, self.spec.time_embed_dim).to(x.dtype))
+        if self.num_classes:
+            if labels is None:  # no labels: the unconditional prediction (the null class)
+                labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)
+            emb = emb + self.class_emb(labels).to(emb.dtype)
+        elif labels is not None:
+            raise ValueError("this network is unconditional: it takes no class labels")
         h = self.conv_in(x)
         hs = [h]
         for level, downsample in zip(self.down, self.downsamplers):

@@ -51,6 +51,10 @@ def bench(
                                                     help="torch.compile (default: on for CUDA).")] = None,
     precision: Annotated[str, typer.Option(help=PRECISION_HELP)] = "auto",
     only: Annotated[Optional[str], typer.Option(help="Measure only 'train' or only 'sample'.")] = None,
+    guidance: Annotated[Optional[float], typer.Option(min=0.0, help="Measure a class-conditional version of the "
+                                                      "preset (10 classes) sampling with classifier-free guidance "
+                                                      "W: each step runs the conditional and unconditional branch "
+                                                      "as one forward pass of twice the batch.")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Measure training images/s, sampling ms per step, FLOPs, memory and utilisation on synthetic data.
@@ -75,7 +79,7 @@ def bench(
     r = benchmod.run(preset, device=command_device(device, backend=False), batch_size=batch_size, steps=steps,
                      warmup=warmup, repeats=repeats, sample_batch_size=sample_batch_size, sample_steps=sample_steps,
                      compile=compile, precision=precision, train=only != "sample", sample=only != "train",
-                     emit=on_event)
+                     guidance=guidance, emit=on_event)
     if as_json:
         print_json(r)
         return
@@ -102,8 +106,9 @@ def report_lines(r: dict) -> list[str]:
         ]
     if r["sample_ms_per_step"] is not None:
         lines += [
-            f"sampling          {r['sample_ms_per_step']:.2f} ms per step at batch {r['sample_batch_size']}: "
-            f"{r['sample_images_per_s_1000_steps']:.2f} images/s for 1000-step DDPM, "
+            f"sampling          {r['sample_ms_per_step']:.2f} ms per step at batch {r['sample_batch_size']}"
+            + ("" if r.get("sample_guidance") is None else f" (guided, W = {r['sample_guidance']:g}: two branches)")
+            + f": {r['sample_images_per_s_1000_steps']:.2f} images/s for 1000-step DDPM, "
             f"{flop_rate(r.get('sample_achieved_tflops'))}, utilisation {percent(r['sample_mfu'])}",
         ]
     if r["matmul_peak_tflops"] is not None:

@@ -34,9 +34,14 @@ def human_lines(record: dict) -> list[str]:
         k = m["kid"]
         lines.append(f"KID {k['value']:.5f} ± {k['std']:.5f} (n={_n(k['n'])}; {k['subsets']} subsets of "
                      f"{_n(k['subset_size'])}; reference: {_n(k['reference']['n'])} {k['reference']['split']} images)")
+    for name, fmt in (("fid", ".2f"), ("kid", ".5f")):
+        if m.get(name, {}).get("per_class"):
+            lines.append(f"{name.upper()} per class: " + ", ".join(f"{c} {v:{fmt}}"
+                                                                  for c, v in m[name]["per_class"].items()))
     if "sampler" in record:
+        guided = f", classes in turn, guidance {record['guidance']:g}" if record.get("guidance") is not None else ""
         lines.append(f"samples: {record['sampler']}, {record['steps']} steps, seeds {record['seed']}.."
-                     f"{record['seed'] + record['n_samples'] - 1}")
+                     f"{record['seed'] + record['n_samples'] - 1}{guided}")
     return lines
 
 
@@ -65,6 +70,10 @@ def eval_cmd(
                                                  "1 stochastic; default: the run's sample.eta for its sampler, else 0).")] = None,
     variance: Annotated[Literal["beta_tilde", "beta"], typer.Option(help="DDPM sigma^2: beta_tilde or beta.")]
     = "beta_tilde",
+    guidance: Annotated[Optional[float], typer.Option(min=0.0, help="Conditional models, fid/kid: classifier-free "
+                                                      "guidance weight (default: the run's sample.guidance); sample i "
+                                                      "is of class i mod K and FID/KID are reported per class "
+                                                      "too.")] = None,
     seed: Annotated[int, typer.Option(min=0, help="Sample i uses seed SEED + i; also seeds the bpd noise.")] = 0,
     stride: Annotated[int, typer.Option(min=1, help="bpd: t = 0..STRIDE exactly, then one random t per block of "
                                                     "STRIDE steps (faster, noisier; 1 = every t).")] = 1,
@@ -90,7 +99,7 @@ def eval_cmd(
     from ddpmctl.evaluate import EvalOptions, evaluate, parse_metrics
 
     opts = EvalOptions(metrics=parse_metrics(metric), data=data, split=split, n=n, sampler=sampler, steps=steps,
-                       eta=eta, variance=variance, seed=seed, batch_size=batch_size, stride=stride,
+                       eta=eta, guidance=guidance, variance=variance, seed=seed, batch_size=batch_size, stride=stride,
                        kid_subsets=kid_subsets, kid_subset_size=kid_subset_size, inception_weights=inception_weights,
                        device=command_device(device), precision=precision, use_ema=not no_ema, data_root=data_root,
                        log=not no_log)

@@ -16,7 +16,8 @@ from ddpmctl.cli.train import NprocOpt
 
 @app.command(epilog="Examples:\n\n  ddpmctl sample --n 100 --out faces/\n\n"
                     "  ddpmctl sample runs/shapes-20261126-101500 --n 16 --sampler ddpm --out ddpm/\n\n"
-                    "  ddpmctl sample --n 64 --sampler ddim --steps 25 --seed 7 --out quick/ --json")
+                    "  ddpmctl sample --n 64 --sampler ddim --steps 25 --seed 7 --out quick/ --json\n\n"
+                    "  ddpmctl sample runs/shapes-cond --class circle --guidance 2 --n 16 --out circles/")
 def sample(
     source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder (ddpmctl export) or hf:OWNER/NAME[@REV] (default: the newest run under ./runs).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Number of images.")] = 16,
@@ -29,7 +30,14 @@ def sample(
                                                  "its sampler, else 0).")] = None,
     variance: Annotated[Literal["beta_tilde", "beta"], typer.Option(help="DDPM sigma^2: beta_tilde or beta.")]
     = "beta_tilde",
-    seed: Annotated[int, typer.Option(min=0, help="Image i uses seed SEED + i.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, help="Image i uses seed SEED + i (of each class, with --class).")] = 0,
+    class_: Annotated[Optional[str], typer.Option("--class", help="Conditional models: the class to draw, by name "
+                                                  "or index; several comma-separated, or all: N images of each "
+                                                  "(samples.json lists each image's class).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(min=0.0, help="Classifier-free guidance weight W with "
+                                                      "--class: (1+W) pred(class) - W pred(unconditional); 0 none, "
+                                                      "higher: more typical of the class, less varied (default: "
+                                                      "the run's sample.guidance).")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per batch (does not change the images).")] = 64,
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Use the raw weights instead of the EMA.")] = False,
     device: DeviceOpt = None,
@@ -49,7 +57,8 @@ def sample(
     from ddpmctl.cli.train import join_job, launch_workers
     from ddpmctl.devices import choose_precision, describe
     from ddpmctl.dist import rank_device
-    from ddpmctl.generate import compile_pays_off, generate, run_defaults
+    from ddpmctl.errors import UsageError
+    from ddpmctl.generate import compile_pays_off, generate, parse_classes, per_class, run_defaults
     from ddpmctl.hub import HF_PREFIX
     from ddpmctl.modelfolder import load_source
     from ddpmctl.images import save_png
@@ -77,15 +86,22 @@ def sample(
     how = get_sampler(sampler)
     steps = how.lenient_steps(den.spec.diffusion.timesteps, steps or run_steps, warn)
     eta = run_eta if eta is None else eta
-    seeds = list(range(seed, seed + n))
+    seeds, labels = list(range(seed, seed + n)), None
+    if class_ is not None:
+        seeds, labels = per_class(parse_classes(den.spec, class_), n, seed)
+        guidance = den.spec.sample.guidance if guidance is None else guidance
+    elif guidance is not None:
+        raise UsageError("--guidance needs --class (guidance pulls images towards a class)")
+    total = len(seeds)
     where = f" on {job.world_size} processes" if job.distributed else ""
-    say(f"sampling {n} image(s) from {den.source} ({den.checkpoint}, {den.weights} weights) with {sampler}, "
+    say(f"sampling {total} image(s){_of_classes(den.spec, labels, guidance)} from {den.source} ({den.checkpoint}, {den.weights} weights) with {sampler}, "
         f"{steps} steps on {describe(dev)}{where}")
     # rank r draws batches r, r + W, r + 2W, ... of the batches one process would draw, so every
     # batch, and so every image, is computed exactly as one process computes it
-    batches = [seeds[i:i + batch_size] for i in range(0, n, batch_size)][job.rank::job.world_size]
-    mine = [s for b in batches for s in b]
-    compile = compile_pays_off(den.spec, n, sampler, steps, dev)  # decided on the whole job's n
+    starts = list(range(0, total, batch_size))[job.rank::job.world_size]
+    mine = [s for b in starts for s in seeds[b:b + batch_size]]
+    my_labels = None if labels is None else [c for b in starts for c in labels[b:b + batch_size]]
+    compile = compile_pays_off(den.spec, total, sampler, steps, dev)  # decided on the whole job's n
     t0 = time.perf_counter()
     nfe = 0
     if not job.distributed:
@@ -104,7 +120,8 @@ def sample(
         with job.guard():
             for start, imgs, nfe in generate(den, mine, sampler=sampler, steps=steps, eta=eta,
                                              batch_size=batch_size, device=dev, precision=prec, variance=variance,
-                                             compile=compile, callback_factory=count_steps):
+                                             compile=compile, callback_factory=count_steps, labels=my_labels,
+                                             guidance=guidance or 0.0):
                 first = (job.rank + (start // batch_size) * job.world_size) * batch_size
                 for i, img in enumerate(imgs):
                     save_png(tmp / f"{first + i:06d}.png", img)
@@ -116,18 +133,28 @@ def sample(
             return
         meta = {"source": den.source, "checkpoint": den.checkpoint, "weights": den.weights, "sampler": sampler,
                 "steps": steps, "network_evaluations": nfe, "eta": how.eta_or_none(eta),
-                "variance": how.variance_or_none(variance), "seeds": seeds, "n": n,
+                "variance": how.variance_or_none(variance), "seeds": seeds, "n": total,
                 "device": str(dev), "precision": prec.name, "ddpmctl": __version__,
                 "seconds": round(time.perf_counter() - t0, 3)}
+        if labels is not None:
+            meta.update(guidance=guidance, classes=list(den.spec.model.classes), labels=labels)
         if job.distributed:
             meta["processes"] = job.world_size
         (tmp / "samples.json").write_text(json.dumps(meta, indent=1))
     job.close()
-    info(f"wrote {n} image(s) to {out}/ in {meta['seconds']:.1f}s")
+    info(f"wrote {total} image(s) to {out}/ in {meta['seconds']:.1f}s")
     if as_json:
-        print_json({**{k: v for k, v in meta.items() if k != "seeds"}, "out": str(out), "seed": seed})
+        print_json({**{k: v for k, v in meta.items() if k not in ("seeds", "labels")}, "out": str(out), "seed": seed})
     else:
         print(out)
+
+
+def _of_classes(spec, labels: Optional[list[int]], guidance: Optional[float]) -> str:
+    if labels is None:
+        return ""
+    names = [spec.model.classes[c] for c in dict.fromkeys(labels)]
+    shown = ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    return f" of class {shown} (guidance {guidance:g})"
 
 
 @contextmanager

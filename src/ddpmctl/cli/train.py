@@ -185,6 +185,10 @@ def train(
                                                             "memory estimate (exit 2 if it cannot fit the device) "
                                                             "and estimated wall time (a few timed steps); write "
                                                             "nothing.")] = False,
+    conditional: Annotated[Optional[bool], typer.Option(
+        "--conditional", help="Class-conditional model with classifier-free guidance: needs labelled data (shapes, "
+        "mnist, fashion-mnist, cifar10, a folder with one sub-folder per class); then `ddpmctl sample RUN --class "
+        "NAME --guidance W`. Labels are dropped for train.label_dropout of the images (default 0.1).")] = None,
     time_limit: TimeLimitOpt = None,
     nproc: NprocOpt = None,
     quiet: QuietOpt = False,
@@ -207,6 +211,7 @@ def train(
                   "compile": None if compile is None else ("on" if compile else "off"),
                   "time_limit": limit if limit != "off" else None},
         "optim": {"lr": lr},
+        "model": {"conditional": conditional},
     }
     spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
     check_source(spec.data.source, root=data_root)  # a typo fails here, dry run or not; nothing is downloaded
@@ -250,6 +255,19 @@ def run_estimate(spec, dev, data_root: Optional[Path]) -> tuple[Optional[dict], 
     return {**est, "steps": total, "seconds": est["step_seconds"] * total}, None
 
 
+def data_classes(spec, data_root: Optional[Path]) -> list[str]:
+    """The class names a conditional run of ``spec`` will take from its data (read, never downloaded)."""
+    from ddpmctl.data import load_images
+    from ddpmctl.data.labels import why_unlabelled
+    from ddpmctl.errors import UsageError
+
+    data = load_images(spec.data.source, image_size=spec.model.image_size, channels=spec.model.channels,
+                       root=data_root, allow_download=False)
+    if data.classes is None:
+        raise UsageError(why_unlabelled(data.info))
+    return data.classes
+
+
 def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> None:
     """The resolved spec, parameters, device, memory and wall-time estimates; a spec that cannot fit
     the device is refused here as the real run would refuse it (exit 2), assuming the data has
@@ -261,6 +279,9 @@ def dry_run_report(spec, as_json: bool, data_root: Optional[Path] = None) -> Non
 
     dev = command_device(spec.train.device, deterministic=spec.train.deterministic)  # as training sets them
     precision = choose_precision(spec.train.precision, dev).name  # "auto" resolved for this device
+    if spec.model.conditional and not spec.model.classes:
+        spec = spec.model_copy(deep=True)
+        spec.model.classes = tuple(data_classes(spec, data_root))
     mem = check_fits(spec, dev, precision)
     n = mem.parameters
     estimate, why_not = run_estimate(spec, dev, data_root)

@@ -19,8 +19,9 @@ from ddpmctl.data.download import (DEFAULT_SIZE, DownloadResult, check_channels,
 from ddpmctl.data.fetch import split_url_fragment
 from ddpmctl.data.folder import no_images_error, open_local
 from ddpmctl.data.hub import hf_source
+from ddpmctl.data.labels import folder_labels, load_labels
 from ddpmctl.data.prepared import default_data_root, list_prepared, load_array, read_info, resolve_root
-from ddpmctl.data.shapes import DEFAULT_COUNT, SEEDS, make_shapes, shapes_info
+from ddpmctl.data.shapes import DEFAULT_COUNT, KINDS, SEEDS, make_shapes, shapes_info
 from ddpmctl.data.sources import KNOWN, KnownDataset, variant_name
 from ddpmctl.errors import DataError, DataNotFoundError, UsageError
 
@@ -40,6 +41,8 @@ class ImageData:
     name: str  # e.g. "shapes", "cifar10", "my_photos"
     images: "torch.Tensor"  # uint8, (N, C, H, W), contiguous, CPU
     info: dict  # dataset.json contents, with split/count/size/channels describing `images`
+    labels: "torch.Tensor | None" = None  # int64 (N,) class indices, when the data has classes
+    classes: list[str] | None = None  # class names, in label order
 
 
 def load_images(source: str, *, image_size: int, channels: int, split: str = "train", root: Path | None = None,
@@ -211,7 +214,12 @@ def _from_prepared(ds: Path, info: dict, split: str, image_size: int, channels: 
     out = dict(info)
     out.update(split=split, count=int(n), size=image_size, channels=channels, path=str(ds),
                prepared_size=info.get("size"), prepared_channels=info.get("channels"))
-    return ImageData(info.get("name", ds.name), x.contiguous(), out)
+    labels, classes = None, None
+    label_name = (info.get("labels") or {}).get(split)
+    if label_name:
+        classes = list(info.get("classes") or [])
+        labels = torch.from_numpy(load_labels(ds, info, split, int(n), info.get("sha256", {}).get(label_name)))
+    return ImageData(info.get("name", ds.name), x.contiguous(), out, labels, classes)
 
 
 def _load_shapes(split: str, image_size: int, channels: int) -> ImageData:
@@ -221,7 +229,8 @@ def _load_shapes(split: str, image_size: int, channels: int) -> ImageData:
         raise UsageError(f"shapes has splits {', '.join(DEFAULT_COUNT)}, not {split!r}")
     n, seed = DEFAULT_COUNT[split], SEEDS[split]
     arr, kinds = make_shapes(n, image_size, channels, seed)
-    return ImageData("shapes", torch.from_numpy(arr), shapes_info(split, n, image_size, channels, seed, kinds))
+    return ImageData("shapes", torch.from_numpy(arr), shapes_info(split, n, image_size, channels, seed, kinds),
+                     torch.from_numpy(kinds.astype("int64")), list(KINDS))
 
 
 def _load_local(path: Path, split: str, image_size: int, channels: int, on_event) -> ImageData:
@@ -256,4 +265,8 @@ def _load_local(path: Path, split: str, image_size: int, channels: int, on_event
         "channels": channels, "sha256": None, "preprocessing": pp.describe(), "skipped": {split: skipped.to_info()},
         "licence": "your own data",
     }
-    return ImageData(name, torch.from_numpy(arr), info)
+    found = folder_labels(res.names)
+    labels, classes = (torch.from_numpy(found[0]), found[1]) if found else (None, None)
+    if classes:
+        info["classes"] = classes
+    return ImageData(name, torch.from_numpy(arr), info, labels, classes)

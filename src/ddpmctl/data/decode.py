@@ -216,6 +216,7 @@ class Decoded:
     all_gray: bool
     skipped: Skipped
     images_per_s: float
+    names: list[str]  # the name of every kept image, in array order (class folders give labels)
 
 
 def _decode_chunk(chunk: list[tuple[str, Source]], pp: Preprocess) -> list:
@@ -308,6 +309,7 @@ def decode_many(items: Iterable[tuple[str, Source]], total: int, pp: Preprocess,
     skipped = Skipped()
     progress = Progress(on_event, stage, total, split=split)
     count, all_gray = 0, True
+    kept: list[str] = []
     nworkers = workers()
     if processes is None:
         mode = os.environ.get("DDPMCTL_DECODE", "auto").strip().lower()
@@ -329,6 +331,7 @@ def decode_many(items: Iterable[tuple[str, Source]], total: int, pp: Preprocess,
                         raise AssertionError("more images than announced")
                     else:
                         out[count] = arr
+                        kept.append(name)
                         count += 1
                         all_gray = all_gray and gray
                     progress.update(1)
@@ -344,4 +347,4 @@ def decode_many(items: Iterable[tuple[str, Source]], total: int, pp: Preprocess,
             raise
         pool.shutdown(wait=True)
     rate = progress.close()
-    return Decoded(out[:count], count, all_gray and count > 0, skipped, rate)
+    return Decoded(out[:count], count, all_gray and count > 0, skipped, rate, kept)

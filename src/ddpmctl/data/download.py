@@ -22,6 +22,7 @@ from ddpmctl.data.folder import fingerprint, open_local
 from ddpmctl.data.hub import HF_PREFIX, fetch_hub, hf_source, parquet_images, parse_hf
 from ddpmctl.data.prepared import (PreparedWriter, cache_dir, check_name, dir_bytes, read_info, resolve_root,
                                    sanitize_name, verify_dataset)
+from ddpmctl.data.labels import folder_labels
 from ddpmctl.data.sources import (KNOWN, KnownDataset, canonical, crop_fraction, torchvision_arrays,
                                   torchvision_celeba_paths, variant_name)
 from ddpmctl.errors import DataError, DataNotFoundError, NetworkError, UsageError
@@ -168,6 +169,7 @@ def _decode_split(w: PreparedWriter, split: str, total: int, items: Iterable[tup
     buf = w.buffer(split, total, c, pp.size)
     res = decode_many(items, total, pp, out=buf, on_event=on_event, split=split)
     count, all_gray, skipped = res.count, res.all_gray, Skipped()
+    found = folder_labels(res.names)  # one sub-folder per class: keep the labels
     skipped.merge(pre)
     skipped.merge(res.skipped)
     del res, buf  # drop every view of the memory map before the file is shrunk
@@ -180,6 +182,8 @@ def _decode_split(w: PreparedWriter, split: str, total: int, items: Iterable[tup
         keep = 1 if all_gray else 3
         pp = dataclasses.replace(pp, channels=keep)
     w.finish_buffer(split, count, keep_channels=keep)
+    if found is not None:
+        w.write_labels(split, *found)
     return pp, skipped
 
 
@@ -308,10 +312,11 @@ def _download_known(kd: KnownDataset, root: Path, name: str | None, size: int | 
             for sp in splits:
                 emit({"event": "message", "message": f"{kd.name} {sp}: fetching with torchvision into {raw} "
                                                      "(MD5-checked), or reusing it"})
-                arr = torchvision_arrays(kd, raw, sp)
+                arr, labels, classes = torchvision_arrays(kd, raw, sp)
                 progress = Progress(on_event, "prepare", int(arr.shape[0]), split=sp)
                 x = convert_images(torch.from_numpy(arr), size, kd.channels).numpy()
                 w.write_array(sp, x)
+                w.write_labels(sp, labels, classes)
                 progress.update(int(arr.shape[0]))
                 progress.close()
             native = int(arr.shape[-1])

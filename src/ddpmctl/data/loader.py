@@ -83,7 +83,8 @@ class DeviceLoader:
     """
 
     def __init__(self, images_uint8: torch.Tensor, batch_size: int, device: torch.device | str, *,
-                 seed: int, flip: bool = True, drop_last: bool = True, shard: tuple[int, int] = (0, 1)):
+                 seed: int, flip: bool = True, drop_last: bool = True, shard: tuple[int, int] = (0, 1),
+                 labels: torch.Tensor | None = None):
         if images_uint8.dtype != torch.uint8 or images_uint8.dim() != 4:
             raise ValueError(f"expected a uint8 (N, C, H, W) tensor, got {images_uint8.dtype} "
                              f"{tuple(images_uint8.shape)}")
@@ -112,6 +113,9 @@ class DeviceLoader:
         else:
             self.placement = "pinned-host"
             self.images = images_uint8.contiguous().pin_memory()
+        if labels is not None and (labels.dtype != torch.int64 or tuple(labels.shape) != (self.n,)):
+            raise ValueError(f"expected int64 labels of shape ({self.n},), got {labels.dtype} {tuple(labels.shape)}")
+        self.labels = None if labels is None else labels.to(self.device if self.placement == "device" else "cpu")
         self._epoch: int | None = None
         self._perm: torch.Tensor | None = None
         self._flips: torch.Tensor | None = None
@@ -129,8 +133,8 @@ class DeviceLoader:
         self._flips = flips.to(self.device)
         self._epoch = epoch
 
-    def batch(self, epoch: int, index: int) -> torch.Tensor:
-        """Batch ``index`` of ``epoch`` (this rank's share of it): float32 (B, C, H, W) in [-1, 1]."""
+    def _rows(self, epoch: int, index: int) -> tuple[int, int]:
+        """Positions lo..hi-1 of ``epoch``'s permutation that batch ``index`` takes on this rank."""
         if not 0 <= index < self.steps_per_epoch:
             raise IndexError(f"batch index {index} out of range 0..{self.steps_per_epoch - 1}")
         self._prepare_epoch(epoch)
@@ -139,6 +143,18 @@ class DeviceLoader:
         if self.world > 1:  # this rank's rows of the global batch (a last short batch splits unevenly)
             per = -(-(hi - lo) // self.world)
             lo, hi = min(lo + self.rank * per, hi), min(lo + (self.rank + 1) * per, hi)
+        return lo, hi
+
+    def batch_labels(self, epoch: int, index: int) -> torch.Tensor:
+        """The class labels (int64 (B,), on the device) of the images of :meth:`batch` (same arguments)."""
+        if self.labels is None:
+            raise ValueError("this loader has no labels")
+        lo, hi = self._rows(epoch, index)
+        return self.labels.index_select(0, self._perm[lo:hi]).to(self.device, non_blocking=True)
+
+    def batch(self, epoch: int, index: int) -> torch.Tensor:
+        """Batch ``index`` of ``epoch`` (this rank's share of it): float32 (B, C, H, W) in [-1, 1]."""
+        lo, hi = self._rows(epoch, index)
         idx = self._perm[lo:hi]
         if self.placement == "device":
             x = self.images.index_select(0, idx)

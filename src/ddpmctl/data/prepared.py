@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ddpmctl import __version__
+from ddpmctl.data.labels import label_file
 from ddpmctl.errors import DataError, UsageError
 from ddpmctl.outdir import pid_alive
 from ddpmctl.smallfiles import read_object, sha256_file
@@ -142,7 +143,7 @@ def load_array(ds_dir: Path, info: dict, split: str, *, verify: bool = True) -> 
 def verify_dataset(ds_dir: Path, info: dict) -> bool:
     """True when every array file listed in dataset.json exists and matches its sha256."""
     try:
-        for fname in info.get("files", {}).values():
+        for fname in [*info.get("files", {}).values(), *(info.get("labels") or {}).values()]:
             expected = info.get("sha256", {}).get(fname)
             if not expected or sha256_file(ds_dir / fname) != expected:
                 return False
@@ -219,6 +220,8 @@ class PreparedWriter:
         self.files: dict[str, str] = {}
         self.sha: dict[str, str] = {}
         self.counts: dict[str, int] = {}
+        self.label_files: dict[str, str] = {}
+        self.classes: list[str] | None = None
         self._bufs: dict[str, np.ndarray] = {}
         self.committed = False
 
@@ -283,6 +286,17 @@ class PreparedWriter:
         np.save(path, np.ascontiguousarray(arr, dtype=np.uint8), allow_pickle=False)
         self._register(split, path, int(arr.shape[0]))
 
+    def write_labels(self, split: str, labels: np.ndarray, classes: list[str]) -> None:
+        """Class labels of the split's images (int64, in array order) and the class names; every split
+        of a dataset has the same classes."""
+        if self.classes is not None and self.classes != list(classes):
+            raise DataError(f"split {split} has classes {list(classes)[:10]}, another split {self.classes[:10]}")
+        self.classes = list(classes)
+        path = self.tmp / label_file(split)
+        np.save(path, np.ascontiguousarray(labels, dtype=np.int64), allow_pickle=False)
+        self.label_files[split] = path.name
+        self.sha[path.name] = sha256_file(path)
+
     def _register(self, split: str, path: Path, count: int) -> None:
         self.files[split] = path.name
         self.sha[path.name] = sha256_file(path)
@@ -298,6 +312,7 @@ class PreparedWriter:
             "splits": list(self.counts),
             "files": dict(self.files),
             "sha256": dict(self.sha),
+            **({"labels": dict(self.label_files), "classes": self.classes} if self.label_files else {}),
             "layout": "uint8 (N, C, H, W), NumPy .npy",
             "ddpmctl_version": __version__,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -124,8 +124,9 @@ def quiet():
         yield
 
 
-def torchvision_arrays(kd: KnownDataset, raw: Path, split: str) -> np.ndarray:
-    """Download (if needed, MD5-checked by torchvision) and return uint8 (N, C, H, W) at native size."""
+def torchvision_arrays(kd: KnownDataset, raw: Path, split: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Download (if needed, MD5-checked by torchvision) and return (uint8 (N, C, H, W) at native size,
+    int64 (N,) labels, class names; MNIST's '3 - three' named '3')."""
     import torchvision.datasets as tvd
 
     cls = {"mnist": tvd.MNIST, "fashion-mnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10}[kd.name]
@@ -151,7 +152,12 @@ def torchvision_arrays(kd: KnownDataset, raw: Path, split: str) -> np.ndarray:
         arr = arr[:, None]
     else:
         arr = arr.transpose(0, 3, 1, 2)
-    return np.ascontiguousarray(arr)
+    targets = ds.targets
+    labels = np.asarray(targets.numpy() if hasattr(targets, "numpy") else targets, dtype=np.int64)
+    classes = [c.split(" - ")[0] if kd.name == "mnist" else c for c in ds.classes]
+    if labels.shape != (arr.shape[0],):
+        raise DataError(f"torchvision gave {labels.shape[0]} labels for {arr.shape[0]} {kd.name} images")
+    return np.ascontiguousarray(arr), labels, classes
 
 
 def torchvision_celeba_paths(raw: Path, split: str) -> list[Path]:
