@@ -156,3 +156,6 @@ def test_the_pipx_packages_of_each_extra_are_those_of_pyproject():
     for extra, packages in PIPX_PACKAGES.items():
         assert [p for p in extras[extra] if not p.startswith("gradio_client")] == list(packages)
         assert install_hint(extra).startswith(f"pip install '.[{extra}]'")
+        # README's Installing section gives the same pipx commands (ones that install without a warning).
+        readme = (Path(__file__).parents[1] / "README.md").read_text()
+        assert f"pipx inject ddpmctl {' '.join(repr(p) for p in packages)}" in readme, extra

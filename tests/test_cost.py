@@ -179,3 +179,28 @@ def test_progress_view_heartbeat_covers_stages_without_counts(monkeypatch, capfd
     with ProgressView(quiet=True) as view, view.phase("export"):
         time.sleep(0.1)
     assert capfd.readouterr().err == ""
+
+
+def test_progress_rate_and_eta_are_smoothed_over_minutes_not_the_last_window(monkeypatch):
+    """A run that alternates 5 s at 30 steps/s with 10 s of no progress (sample grids, checkpoints) has a
+    last-window rate that swings between 30 and 2.7 steps/s; the rate shown, and the time left computed
+    from it, stay within 15 % of the true 10 steps/s once the start has faded, and are called an estimate."""
+    from ddpmctl.cli import progress as P
+
+    clock = [0.0]
+    monkeypatch.setattr(P.time, "monotonic", lambda: clock[0])
+    m = P.Meter("training", 1_000_000, "steps")
+    done, last, windows, rates = 0, (0.0, 0), [], []
+    for second in range(1, 1200):
+        clock[0] = float(second)
+        if second % 15 in range(1, 6):  # 5 s of work, then 10 s without progress
+            done += 30
+            m.update(done)
+            windows.append((done - last[1]) / (second - last[0]))
+            last = (second, done)
+            if second > 4 * P.RATE_TAU_S:  # the first minutes' burst has faded
+                rates.append(m.rate)
+                left = (1_000_000 - done) / m.rate
+                assert f"~{P.human_duration(left)} left (estimate)" in m.line()
+    assert max(windows) / min(windows) > 10  # what a last-window rate would have shown
+    assert rates and all(8.5 <= r <= 11.5 for r in rates), (min(rates), max(rates))

@@ -7,9 +7,13 @@ import hashlib
 import http.server
 import io
 import json
+import os
 import socket
 import struct
+import subprocess
+import sys
 import threading
+import urllib.error
 import zipfile
 from pathlib import Path
 
@@ -26,9 +30,15 @@ from ddpmctl.errors import DataError, DataNotFoundError, NetworkError, UsageErro
 
 
 class _Server:
+    """Serves ``directory``. ``gate``: send the headers, then hold the body until the event is set.
+    ``send_length=False``: no Content-Length (the body ends when the connection closes, as HTTP/1.0 allows)."""
+
     def __init__(self, directory: Path):
         self.dir = directory
         self.requests: list[str] = []
+        self.gate: threading.Event | None = None
+        self.send_length = True
+        self.body_sent = threading.Event()
         outer = self
 
         class Handler(http.server.SimpleHTTPRequestHandler):
@@ -37,7 +47,19 @@ class _Server:
 
             def do_GET(self):
                 outer.requests.append(self.path)
-                super().do_GET()
+                f = outer.dir / self.path.lstrip("/")
+                if (outer.gate is None and outer.send_length) or not f.is_file():
+                    return super().do_GET()
+                body = f.read_bytes()
+                self.send_response(200)
+                if outer.send_length:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.flush()
+                if outer.gate is not None and not outer.gate.wait(120):
+                    return
+                self.wfile.write(body)
+                outer.body_sent.set()
 
             def log_message(self, *args):
                 pass
@@ -130,6 +152,76 @@ def test_bad_checksum_removes_file_and_prepares_nothing(server, root):
     assert list_prepared(root) == []
 
 
+def test_url_download_states_its_size_before_the_data(server, root):
+    """The size comes from the server's Content-Length, in a `download` event sent before any byte is
+    read; without a Content-Length the event says the size is not known instead of guessing."""
+    from ddpmctl.units import human_bytes
+
+    sha = _zip(server.dir / "faces.zip")
+    nbytes = (server.dir / "faces.zip").stat().st_size
+    events = []
+    download(f"{server.url}/faces.zip", sha256=sha, name="faces", size=8, root=root, on_event=events.append)
+    sized = [i for i, e in enumerate(events) if e["event"] == "download"]
+    received = [i for i, e in enumerate(events) if e["event"] == "progress" and e["stage"] == "download" and e["done"]]
+    assert len(sized) == 1 and received and sized[0] < received[0]
+    ev = events[sized[0]]
+    assert ev["bytes"] == nbytes
+    assert ev["message"] == f"downloading faces.zip: {human_bytes(nbytes)} from {server.url}/faces.zip"
+
+    server.send_length = False
+    events.clear()
+    res = download(f"{server.url}/faces.zip", sha256=sha, name="faces2", size=8, root=root, force=True,
+                   on_event=events.append)
+    assert res.info["counts"] == {"train": 6}  # the cached file: no second request, no size line
+    assert len(server.requests) == 1 and not [e for e in events if e["event"] == "download"]
+    (server.dir / "other.zip").write_bytes((server.dir / "faces.zip").read_bytes())
+    download(f"{server.url}/other.zip", sha256=sha, size=8, root=root, on_event=events.append)
+    ev = next(e for e in events if e["event"] == "download")
+    assert ev["bytes"] is None and "did not give its size" in ev["message"]
+
+
+@pytest.mark.parametrize("command", ["download", "train"])
+def test_cli_prints_the_size_before_the_data_arrives(server, root, tmp_path, command):
+    """`download URL` and `train URL#sha256=...` (not prepared yet) print the size line on stderr while
+    the server still holds the body back: the line comes before the data, not after it."""
+    from ddpmctl.units import human_bytes
+
+    sha = _zip(server.dir / "faces.zip")
+    nbytes = (server.dir / "faces.zip").stat().st_size
+    server.gate = threading.Event()
+    url = f"{server.url}/faces.zip"
+    args = (["download", url, "--sha256", sha, "--size", "8"] if command == "download" else
+            ["train", f"{url}#sha256={sha}", "--preset", "shapes", "--max-steps", "1", "--batch-size", "4",
+             "--set", "model.base_channels=16", "--set", "model.groups=8", "--set", "sample.sampler=ddim",
+             "--set", "sample.steps=2", "--set", "sample.grid_size=4", "--out", str(tmp_path / "run")])
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "DDPMCTL_DATA": str(root)}
+    proc = subprocess.Popen([sys.executable, "-m", "ddpmctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=tmp_path)
+    lines = []
+    try:
+        timer = threading.Timer(60, proc.kill)  # a hung run fails the test instead of hanging it
+        timer.start()
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("downloading faces.zip"):
+                break
+        assert not server.body_sent.is_set(), "".join(lines)
+        server.gate.set()
+        if command == "train":  # the rest of a training run is tested elsewhere
+            assert server.body_sent.wait(60)
+            proc.kill()
+        out, err = proc.communicate(timeout=120)
+        timer.cancel()
+    finally:
+        server.gate.set()
+        proc.kill()
+        proc.wait()
+    assert lines and lines[-1].strip() == f"downloading faces.zip: {human_bytes(nbytes)} from {url}", "".join(lines)
+    assert server.body_sent.is_set()
+    if command == "download":
+        assert proc.returncode == 0 and out.startswith("prepared faces"), "".join(lines) + err
+
+
 def test_http_error_is_network_error(server, root):
     with pytest.raises(NetworkError, match=r"404.*run the same command again"):
         download(f"{server.url}/missing.zip", sha256="a" * 64, name="x", root=root)
@@ -217,15 +309,24 @@ def hub(tmp_path, monkeypatch):
     calls = []
     snap = tmp_path / "hub-cache"
 
-    def list_repo_files(repo_id, *, revision=None, repo_type=None, token=None):
+    def list_repo_tree(repo_id, path_in_repo=None, *, recursive=False, expand=False, revision=None, repo_type=None,
+                       token=None):
+        from huggingface_hub.hf_api import RepoFile, RepoFolder
+
         calls.append(("list", repo_id, revision))
-        assert repo_type == "dataset"
+        assert repo_type == "dataset" and recursive
         if repo_id not in repos:
             from huggingface_hub.utils import RepositoryNotFoundError
 
             raise RepositoryNotFoundError(f"404 Client Error: Repository Not Found for url: {repo_id}",
                                           response=_FakeResponse())
-        return sorted(repos[repo_id]) + [".gitattributes", "README.md"]
+        files = {n: p.stat().st_size for n, p in repos[repo_id].items()}
+        folders = sorted({n.rsplit("/", 1)[0] for n in files if "/" in n})
+        # The Hub lists LFS files (parquet, images) with their real size under "lfs", as it does.
+        yield from (RepoFolder(path=d, oid="0" * 40) for d in folders)
+        yield from (RepoFile(path=n, size=132, oid="0" * 40, lfs={"size": b, "oid": "0" * 64, "pointerSize": 132})
+                    for n, b in sorted(files.items()))
+        yield from (RepoFile(path=n, size=10, oid="0" * 40) for n in (".gitattributes", "README.md"))
 
     def hf_hub_download(repo_id, filename, *, repo_type=None, revision=None, cache_dir=None, tqdm_class=None):
         calls.append(("get", repo_id, filename))
@@ -238,7 +339,7 @@ def hub(tmp_path, monkeypatch):
             bar.close()
         return str(dest)
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", list_repo_files)
+    monkeypatch.setattr(huggingface_hub, "list_repo_tree", list_repo_tree)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     return repos, calls
 
@@ -274,6 +375,51 @@ def test_hf_parquet_dataset(hub, tmp_path, root):
     n = len(calls)
     assert download("hf://datasets/someone/colours", size=8, root=root).already_prepared
     assert len(calls) == n
+
+
+def test_hf_download_states_its_size_before_fetching(hub, tmp_path, root):
+    """The Hub's listing gives each file's size: the total of the files to fetch is stated before the
+    first one is fetched, and files already in the cache are left out of it."""
+    from ddpmctl.data.sources import CELEBA_HUB_REPO
+    from ddpmctl.units import human_bytes
+
+    repos, calls = hub
+    _parquet(tmp_path / "tr.parquet", _celeba_like(2))
+    _parquet(tmp_path / "te.parquet", _celeba_like(1))
+    repos[CELEBA_HUB_REPO] = {"img_align+identity+attr/train-00000-of-00001.parquet": tmp_path / "tr.parquet",
+                              "img_align+identity+attr/test-00000-of-00001.parquet": tmp_path / "te.parquet"}
+    nbytes = (tmp_path / "tr.parquet").stat().st_size + (tmp_path / "te.parquet").stat().st_size
+    download("celeba", root=root, on_event=lambda e: calls.append(("event", e)))
+    sized = [i for i, c in enumerate(calls) if c[0] == "event" and c[1]["event"] == "download"]
+    first_get = next(i for i, c in enumerate(calls) if c[0] == "get")
+    assert len(sized) == 1 and sized[0] < first_get
+    ev = calls[sized[0]][1]
+    assert ev["bytes"] == nbytes and ev["message"].startswith(
+        f"downloading celeba: {human_bytes(nbytes)} (2 file(s) of train, test) from hf://datasets/{CELEBA_HUB_REPO}")
+
+
+def test_torchvision_download_states_its_size_before_starting(root, monkeypatch):
+    """torchvision's downloader shows no Content-Length: the known size of its files is stated before it
+    is asked to download (here it then fails, as it does offline)."""
+    import torchvision.datasets
+
+    from ddpmctl.data.sources import KNOWN
+
+    events, asked = [], []
+
+    def mnist(root_, train=True, download=False):
+        if not download:
+            raise RuntimeError("Dataset not found. You can use download=True to download it")
+        asked.append(len(events))
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(torchvision.datasets, "MNIST", mnist)
+    with pytest.raises(NetworkError, match="could not download mnist"):
+        download("mnist", root=root, on_event=events.append)
+    sized = [i for i, e in enumerate(events) if e["event"] == "download"]
+    assert len(sized) == 1 and asked == [sized[0] + 1]  # stated, then torchvision asked to download
+    assert events[sized[0]]["bytes"] == KNOWN["mnist"].download_bytes == 11_594_722
+    assert events[sized[0]]["message"].startswith("downloading mnist: 11.1 MiB (4 gzipped IDX files")
 
 
 def test_hf_split_column_and_binary_column(hub, tmp_path, root):
@@ -312,7 +458,7 @@ def test_hf_missing_repo_and_offline(hub, root, monkeypatch):
     def offline(*a, **k):
         raise ConnectionError("Connection refused")
 
-    monkeypatch.setattr(huggingface_hub, "list_repo_files", offline)
+    monkeypatch.setattr(huggingface_hub, "list_repo_tree", offline)
     with pytest.raises(NetworkError, match="could not fetch hf://datasets/o/x.*again"):
         download("hf://datasets/o/x", root=root)
 

@@ -171,6 +171,16 @@ def client(served, tmp_path):
     return Client(served[0], verbose=False, analytics_enabled=False, download_files=str(tmp_path))
 
 
+def test_the_page_starts_with_the_runs_own_sampler_and_steps(served, run_dir):
+    """The page opens on what `ddpmctl sample RUN` draws without options: the run's spec.sample (here the
+    shapes preset's dpm-solver++, 1 step), not a demo-wide default."""
+    _, app = served
+    spec = S.load(run_dir / "spec.json")
+    props = {c["props"].get("label"): c["props"] for c in app.config["components"] if "props" in c}
+    assert (props["Sampler"]["value"], props["Steps"]["value"]) == (spec.sample.sampler, spec.sample.steps)
+    assert spec.sample.sampler == "dpm-solver++"  # differs from the DDIM most demos start on
+
+
 def test_served_on_loopback_only(served):
     url, app = served
     assert url.startswith("http://127.0.0.1:") and app.server_name == "127.0.0.1"

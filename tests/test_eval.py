@@ -323,6 +323,7 @@ def test_eval_says_when_the_split_holds_fewer_images_than_n(run_dir, monkeypatch
     assert code == 0, err
     assert json.loads(out)["metrics"]["bpd"]["n"] == 3
     assert "--n 1,000: the train split holds 3 images, so bits/dim uses all 3" in err
+    assert err.count("bits/dim: 3/3 images") == 1  # the count line once (it once came twice)
 
 
 def test_eval_without_extra_names_the_install(run_dir, cli, tmp_path):

@@ -6,7 +6,9 @@ Events are plain dicts with an ``"event"`` key:
   "unit": "images", "images_per_s": r, "final": bool}`` (``unit`` is ``"bytes"`` with
   ``"bytes_per_s"`` for downloads, ``"files"`` for Hub files);
 * ``{"event": "skipped", "count": k, "reason": "...", "split": ..., "examples": [...], "message": ...}``;
-* ``{"event": "download", "source": ..., "name": ..., "message": ...}`` when a dataset is fetched;
+* ``{"event": "download", "source": ..., "name": ..., "message": ...}`` when a dataset is to be fetched;
+  the one sent just before data is fetched carries ``"bytes"``: the size to download (an https server's
+  Content-Length, the Hub listing's file sizes, a torchvision dataset's known size), None when unknown;
 * ``{"event": "convert", ..., "message": ...}`` when a prepared array is resized or its channels converted on load;
 * ``{"event": "message", "message": ...}`` for anything else worth telling the user.
 """

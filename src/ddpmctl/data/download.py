@@ -195,9 +195,9 @@ def _no_images(where: str, skipped: Skipped) -> DataError:
 
 
 def _prepare_hub(w: PreparedWriter, repo: str, revision: str | None, split_map: dict | None, column: str | None,
-                 pp: Preprocess, root: Path, on_event: Event | None) -> dict:
+                 pp: Preprocess, root: Path, on_event: Event | None, label: str | None = None) -> dict:
     files = fetch_hub(repo, revision, cache_dir(root, "hf"),
-                      splits=list(split_map.values()) if split_map else None, on_event=on_event)
+                      splits=list(split_map.values()) if split_map else None, on_event=on_event, name=label)
     split_map = split_map or {s: s for s in files.files}
     skipped, col = {}, None
     for ours, theirs in split_map.items():
@@ -310,9 +310,7 @@ def _download_known(kd: KnownDataset, root: Path, name: str | None, size: int | 
 
             raw = cache_dir(root, "torchvision")
             for sp in splits:
-                emit({"event": "message", "message": f"{kd.name} {sp}: fetching with torchvision into {raw} "
-                                                     "(MD5-checked), or reusing it"})
-                arr, labels, classes = torchvision_arrays(kd, raw, sp)
+                arr, labels, classes = torchvision_arrays(kd, raw, sp, on_event)
                 progress = Progress(on_event, "prepare", int(arr.shape[0]), split=sp)
                 x = convert_images(torch.from_numpy(arr), size, kd.channels).numpy()
                 w.write_array(sp, x)
@@ -329,7 +327,7 @@ def _download_known(kd: KnownDataset, root: Path, name: str | None, size: int | 
             pp = Preprocess(size, kd.channels, crop_fraction(crop) if crop else None, crop or "center-square")
             try:
                 extra = _prepare_hub(w, kd.hub_repo, None, {sp: kd.hub_splits[sp] for sp in splits}, None, pp,
-                                     root, on_event)
+                                     root, on_event, label=kd.name)
             except (NetworkError, DataNotFoundError) as exc:
                 if kd.name != "celeba":
                     raise
@@ -358,7 +356,7 @@ def _celeba_torchvision(w: PreparedWriter, root: Path, splits: list[str], pp: Pr
     skipped = {}
     for sp in splits:
         try:
-            paths = torchvision_celeba_paths(raw, sp)
+            paths = torchvision_celeba_paths(raw, sp, on_event)
         except NetworkError as exc:
             raise NetworkError(
                 f"could not download celeba from the Hub ({hub_error}) nor with torchvision ({exc}). "

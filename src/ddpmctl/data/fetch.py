@@ -13,11 +13,12 @@ import urllib.request
 from pathlib import Path
 
 from ddpmctl import __version__
-from ddpmctl.data._events import Event, Progress
+from ddpmctl.data._events import Event, Progress, emitter
 from ddpmctl.errors import DataError, NetworkError, UsageError
 from ddpmctl.outdir import remove_stale
 from ddpmctl.safefile import open_owned
 from ddpmctl.smallfiles import sha256_file
+from ddpmctl.units import human_bytes
 from ddpmctl.writes import as_write_error
 
 CHUNK = 1 << 20
@@ -49,12 +50,21 @@ def split_url_fragment(url: str) -> tuple[str, str | None]:
     return base, (m.group(1).lower() if m else None)
 
 
+def size_line(what: str, nbytes: int | None, where: str, unknown: str = "the server did not give its size") -> str:
+    """The line stated before a download starts: ``downloading NAME: 162.6 MiB from WHERE``."""
+    if nbytes is None:
+        return f"downloading {what} {where} ({unknown}; progress counts the bytes received)"
+    return f"downloading {what}: {human_bytes(nbytes)} {where}"
+
+
 def download_file(url: str, dest: Path, *, sha256: str, on_event: Event | None = None,
                   timeout: float = TIMEOUT_S) -> Path:
     """Download ``url`` to ``dest`` unless ``dest`` already holds a file with that sha256.
 
-    The data goes to ``dest.part-PID`` first; on a checksum mismatch it is deleted and
-    :class:`DataError` names the file and both hashes; on a network failure :class:`NetworkError`.
+    Once the server has answered, and before the first byte of data is read, a ``download`` event
+    states the size from its Content-Length (or that it gave none). The data goes to
+    ``dest.part-PID`` first; on a checksum mismatch it is deleted and :class:`DataError` names the
+    file and both hashes; on a network failure :class:`NetworkError`.
     """
     dest = Path(dest)
     if dest.is_file():
@@ -73,6 +83,8 @@ def download_file(url: str, dest: Path, *, sha256: str, on_event: Event | None =
                 os.fdopen(open_owned(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as out:
             length = resp.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
+            emitter(on_event)({"event": "download", "source": url, "name": dest.name, "bytes": total,
+                               "message": size_line(dest.name, total, f"from {url}")})
             progress = Progress(on_event, "download", total, unit="bytes", source=url)
             while chunk := resp.read(CHUNK):
                 out.write(chunk)

@@ -1,6 +1,6 @@
 """Datasets from the Hugging Face Hub: ``hf://datasets/OWNER/NAME[@REVISION]``.
 
-Files are listed with ``huggingface_hub.list_repo_files`` and fetched one by one with
+Files are listed, with their sizes, by ``huggingface_hub.list_repo_tree`` and fetched one by one with
 ``huggingface_hub.hf_hub_download`` into ``ROOT/.cache/hf`` (the Hub's own cache layout, so
 a second download reuses them). Parquet files are preferred; a repository of plain image
 files (an "imagefolder") works too. The image column of a parquet file is found
@@ -20,6 +20,7 @@ from typing import Iterator
 
 from ddpmctl.data._events import Event, Progress, emitter
 from ddpmctl.data.decode import IMAGE_EXTENSIONS, Source
+from ddpmctl.data.fetch import size_line
 from ddpmctl.errors import DataError, DataNotFoundError, NetworkError, UsageError
 
 HF_PREFIX = "hf://datasets/"
@@ -123,9 +124,50 @@ def _progress_tqdm(on_event: Event | None, filename: str):
     return _Quiet
 
 
+def _file_sizes(entries) -> dict[str, int | None]:
+    """path -> size in bytes (None where the listing gives none) of the files in a ``list_repo_tree``."""
+    out: dict[str, int | None] = {}
+    for e in entries:
+        if not hasattr(e, "size"):  # a folder
+            continue
+        lfs = getattr(e, "lfs", None)
+        size = getattr(lfs, "size", None) if lfs is not None else None
+        out[e.path] = size if isinstance(size, int) else (e.size if isinstance(e.size, int) else None)
+    return out
+
+
+def _size_event(repo: str, revision: str | None, cache: Path, todo: list[str], sizes: dict, splits: list[str],
+                name: str | None) -> dict:
+    """The ``download`` event stated before the first file is fetched: the bytes still to download (the
+    Hub's listing gives each file's size), leaving out the files already in the cache."""
+    from huggingface_hub import try_to_load_from_cache
+
+    def cached(n: str) -> bool:
+        try:
+            return isinstance(try_to_load_from_cache(repo, n, cache_dir=str(cache), revision=revision,
+                                                     repo_type="dataset"), str)
+        except Exception:  # an unreadable cache is only a cache miss
+            return False
+
+    fetch = [n for n in todo if not cached(n)]
+    known = [sizes.get(n) for n in fetch]
+    total = None if None in known else sum(known)
+    what = name or hf_source(repo)
+    files = f"{len(fetch)} file(s) of {', '.join(splits)}" + (
+        f"; {len(todo) - len(fetch)} more already in the cache" if len(fetch) < len(todo) else "")
+    if not fetch:
+        message = f"{what}: all {len(todo)} file(s) of {', '.join(splits)} already in {cache}"
+    else:
+        message = size_line(what, total, f"({files}) from {hf_source(repo)} into {cache}",
+                            unknown="the Hub's listing did not give every file's size")
+    return {"event": "download", "source": hf_source(repo), "name": what, "bytes": total if fetch else 0,
+            "message": message}
+
+
 def fetch_hub(repo: str, revision: str | None, cache: Path, *, splits: list[str] | None,
-              on_event: Event | None = None) -> HubFiles:
-    """List the repository, pick the parquet (or image) files of the wanted splits, download them."""
+              on_event: Event | None = None, name: str | None = None) -> HubFiles:
+    """List the repository, pick the parquet (or image) files of the wanted splits, state the size to
+    download (``name`` labels it, e.g. ``celeba``), download them."""
     import huggingface_hub
 
     emit = emitter(on_event)
@@ -135,11 +177,13 @@ def fetch_hub(repo: str, revision: str | None, cache: Path, *, splits: list[str]
     level = hf_log.level
     hf_log.setLevel(logging.ERROR)  # its "Retrying in 8s [Retry 5/5]" lines: the message above says it
     try:
-        names = huggingface_hub.list_repo_files(repo, repo_type="dataset", revision=revision)
+        sizes = _file_sizes(huggingface_hub.list_repo_tree(repo, recursive=True, repo_type="dataset",
+                                                            revision=revision))
     except Exception as exc:
         raise _hub_errors(repo, revision, exc) from exc
     finally:
         hf_log.setLevel(level)
+    names = list(sizes)
     parquet = [n for n in names if n.lower().endswith(".parquet")]
     images = [n for n in names if n.lower().endswith(IMAGE_EXTENSIONS)]
     kind, chosen = ("parquet", parquet) if parquet else ("images", images)
@@ -156,8 +200,7 @@ def fetch_hub(repo: str, revision: str | None, cache: Path, *, splits: list[str]
     todo = [n for s in wanted for n in by_split[s]]
     kwargs = {}
     params = inspect.signature(huggingface_hub.hf_hub_download).parameters
-    emit({"event": "message", "message": f"fetching {len(todo)} file(s) of {hf_source(repo)} "
-                                         f"({', '.join(wanted)}) into {cache}"})
+    emit(_size_event(repo, revision, cache, todo, sizes, wanted, name))
     files_progress = Progress(on_event, "fetch", len(todo), unit="files", source=hf_source(repo))
     local: dict[str, Path] = {}
     commit = None
