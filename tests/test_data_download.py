@@ -283,7 +283,7 @@ def test_name_clash_with_other_source_needs_force(server, root, tmp_path):
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _parquet(path: Path, images: list[bytes], column="image", hf_meta=True, struct_col=True):
+def _parquet(path: Path, images: list[bytes], column="image", hf_meta=True, struct_col=True, classes=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -295,7 +295,8 @@ def _parquet(path: Path, images: list[bytes], column="image", hf_meta=True, stru
         col = pa.array(images, type=pa.binary())
     table = pa.table({"label": pa.array(list(range(len(images))), pa.int64()), column: col})
     if hf_meta:
-        meta = {"info": {"features": {"label": {"dtype": "int64", "_type": "Value"}, column: {"_type": "Image"}}}}
+        label = {"names": classes, "_type": "ClassLabel"} if classes else {"dtype": "int64", "_type": "Value"}
+        meta = {"info": {"features": {"label": label, column: {"_type": "Image"}}}}
         table = table.replace_schema_metadata({b"huggingface": json.dumps(meta).encode()})
     pq.write_table(table, path)
 
@@ -598,3 +599,52 @@ def test_cli_downloads_served_archive(server, root, cli):
     assert r.returncode == 1 and "checksum mismatch" in r.stderr and r.stdout == ""
     r = cli("download", f"{server.url}/nope.zip", "--sha256", sha, "--name", "n", "--root", str(root))
     assert r.returncode == 1 and "HTTP 404" in r.stderr and "run the same command again" in r.stderr
+
+
+def _idx(path: Path, arr: np.ndarray) -> None:
+    """An MNIST-format (IDX) file: magic (0, 0, ubyte = 8, ndim), big-endian sizes, then the bytes."""
+    path.write_bytes(struct.pack(">BBBB", 0, 0, 8, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+                     + arr.astype(np.uint8).tobytes())
+
+
+def test_mnist_labels_are_kept_when_prepared(root):
+    """torchvision's MNIST, read from its raw cache (no network): the prepared dataset keeps each image's
+    digit as its label, and the class names are the digits."""
+    raw = root / ".cache" / "torchvision" / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 6), ("t10k", 4)):
+        digits = rng.integers(0, 10, n)
+        images = np.zeros((n, 28, 28), np.uint8)
+        images[:, 0, :] = digits[:, None] * 20  # the first row tells the digit
+        _idx(raw / f"{prefix}-images-idx3-ubyte", images)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", digits)
+    res = download("mnist", root=root)
+    assert res.info["classes"] == [str(d) for d in range(10)]
+    for split in ("train", "test"):
+        data = load_images("mnist", image_size=28, channels=1, split=split, root=root)
+        assert data.classes == res.info["classes"]
+        assert data.labels.tolist() == (data.images[:, 0, 0, 0].long() // 20).tolist()
+
+
+def test_hf_class_label_column_becomes_labels(hub, tmp_path, root):
+    """A parquet dataset whose `label` feature is a ClassLabel: its names are the classes, in their order,
+    and each kept row keeps its class (the undecodable row is skipped, the labels stay aligned). An
+    integer column named with --label-column gives classes '0'..'max'."""
+    repos, _ = hub
+    src = tmp_path / "src"
+    _parquet(src / "train.parquet", [_png((255, 0, 0)), b"not an image", _png((0, 255, 0)), _png((0, 0, 255))],
+             classes=["zebra", "ant", "cat", "dog"])  # rows are labelled 0, 1, 2, 3
+    repos["someone/animals"] = {"data/train-00000-of-00001.parquet": src / "train.parquet"}
+    res = download("hf://datasets/someone/animals", size=8, root=root)
+    assert res.info["classes"] == ["zebra", "ant", "cat", "dog"] and res.info["label_column"] == "label"
+    data = load_images("hf://datasets/someone/animals", image_size=8, channels=3, root=root, allow_download=False)
+    assert data.labels.tolist() == [0, 2, 3]
+    assert data.images[1, 1].float().mean() > 240  # row 2 (green) has label 2
+    _parquet(src / "plain.parquet", [_png((255, 0, 0)), _png((0, 255, 0))])
+    repos["someone/plain"] = {"data/train-00000-of-00001.parquet": src / "plain.parquet"}
+    assert "classes" not in download("hf://datasets/someone/plain", size=8, root=root).info
+    res = download("hf://datasets/someone/plain", size=8, root=root, name="plain2", label_column="label")
+    assert res.info["classes"] == ["0", "1"]
+    with pytest.raises(UsageError, match="--label-column 'kind' is not in"):
+        download("hf://datasets/someone/plain", size=8, root=root, name="plain3", label_column="kind")

@@ -264,3 +264,31 @@ def test_onnx_export_matches_pytorch_with_a_dynamic_batch(trained_run, tmp_path)
         got = torch.from_numpy(sess.run(None, {"x_t": x.numpy(), "t": t.numpy()})[0])
         assert got.shape == ref.shape
         assert (got - ref).abs().max() <= ONNX_ATOL * max(1.0, ref.abs().max().item())
+
+
+def test_onnx_of_a_conditional_model_takes_class_labels(cli, tmp_path):
+    """A conditional model's ONNX graph has a third input, class_labels (the class count = no class), and
+    matches PyTorch for each class and for the null class; config.json and the card list the classes."""
+    pytest.importorskip("onnx", reason="optional extra: pip install '.[onnx]'")
+    ort = pytest.importorskip("onnxruntime", reason="optional extra: pip install '.[onnx]'")
+    from conftest import TRAIN_ARGS
+    from ddpmctl.cond import Cond
+    from ddpmctl.export import export_model_folder
+    from ddpmctl.modelfolder import load_model_folder
+    from ddpmctl.onnxexport import ONNX_ATOL
+
+    r = cli(*TRAIN_ARGS, "--conditional", "--out", "run")
+    assert r.returncode == 0, r.stderr
+    export_model_folder(tmp_path / "run", tmp_path / "m", onnx=True)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert cfg["model"]["classes"] == ["circle", "square", "triangle"]
+    assert "`circle`, `square`, `triangle`" in (tmp_path / "m" / "README.md").read_text()
+    den = load_model_folder(tmp_path / "m")
+    sess = ort.InferenceSession(str(tmp_path / "m" / "model.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == ["x_t", "t", "class_labels"]
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    t, labels = torch.tensor([5, 500, 900, 999]), torch.tensor([0, 1, 2, 3])
+    with torch.no_grad():
+        ref = den.model(x, t, Cond(labels=labels))
+    got = torch.from_numpy(sess.run(None, {"x_t": x.numpy(), "t": t.numpy(), "class_labels": labels.numpy()})[0])
+    assert (got - ref).abs().max() <= ONNX_ATOL * max(1.0, ref.abs().max().item())

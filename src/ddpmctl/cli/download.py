@@ -61,6 +61,9 @@ def download(
         "--split", help="Only this split (hf:// and named datasets); the split to store a folder/archive as.")] = None,
     column: Annotated[Optional[str], typer.Option(
         "--column", help="Image column of a parquet dataset (default: found automatically).")] = None,
+    label_column: Annotated[Optional[str], typer.Option(
+        "--label-column", help="Class column of an hf:// parquet dataset, kept as labels for --conditional "
+                               "training (default: its ClassLabel feature, if it has one).")] = None,
     sha256: Annotated[Optional[str], typer.Option(
         "--sha256", help="Expected SHA-256 of an https:// download (required for URLs).")] = None,
     name: Annotated[Optional[str], typer.Option(
@@ -100,7 +103,7 @@ def download(
     t0 = time.perf_counter()
     with ProgressView(quiet) as progress:
         res = do_download(source, root=root, name=name, size=size, channels=channels, split=split, column=column,
-                          sha256=sha256, crop=crop, force=force, on_event=progress)
+                          sha256=sha256, crop=crop, force=force, on_event=progress, label_column=label_column)
     summary = res.summary()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     if json_:

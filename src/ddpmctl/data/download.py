@@ -12,14 +12,16 @@ import dataclasses
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+import numpy as np
 
 from ddpmctl.data._events import Event, Progress, emitter
 from ddpmctl.data.archive import archive_stem, is_archive
 from ddpmctl.data.decode import Preprocess, Skipped, Source, accepted_extensions, decode_many
 from ddpmctl.data.fetch import check_sha256, download_file, split_url_fragment, url_filename
 from ddpmctl.data.folder import fingerprint, open_local
-from ddpmctl.data.hub import HF_PREFIX, fetch_hub, hf_source, parquet_images, parse_hf
+from ddpmctl.data.hub import HF_PREFIX, fetch_hub, hf_source, parquet_images, parquet_labels, parse_hf
 from ddpmctl.data.prepared import (PreparedWriter, cache_dir, check_name, dir_bytes, read_info, resolve_root,
                                    sanitize_name, verify_dataset)
 from ddpmctl.data.labels import folder_labels
@@ -161,15 +163,19 @@ def _already(ds: Path, info: dict, on_event: Event | None) -> DownloadResult:
 
 
 def _decode_split(w: PreparedWriter, split: str, total: int, items: Iterable[tuple[str, Source]],
-                  pp: Preprocess, on_event: Event | None, pre: Skipped, where: str) -> tuple[Preprocess, Skipped]:
-    """Decode one split into the writer; fixes ``pp.channels`` after the first split when it was auto."""
+                  pp: Preprocess, on_event: Event | None, pre: Skipped, where: str,
+                  labeller: Callable[[list[str]], tuple[np.ndarray, list[str]] | None] = folder_labels,
+                  ) -> tuple[Preprocess, Skipped]:
+    """Decode one split into the writer; fixes ``pp.channels`` after the first split when it was auto.
+    ``labeller`` gives the kept images' (labels, class names) from their names, or None (no labels):
+    by default the class folders of :func:`~ddpmctl.data.labels.folder_labels`."""
     if total == 0:
         raise _no_images(where, pre)
     c = pp.channels or 3
     buf = w.buffer(split, total, c, pp.size)
     res = decode_many(items, total, pp, out=buf, on_event=on_event, split=split)
     count, all_gray, skipped = res.count, res.all_gray, Skipped()
-    found = folder_labels(res.names)  # one sub-folder per class: keep the labels
+    found = labeller(res.names)
     skipped.merge(pre)
     skipped.merge(res.skipped)
     del res, buf  # drop every view of the memory map before the file is shrunk
@@ -195,22 +201,33 @@ def _no_images(where: str, skipped: Skipped) -> DataError:
 
 
 def _prepare_hub(w: PreparedWriter, repo: str, revision: str | None, split_map: dict | None, column: str | None,
-                 pp: Preprocess, root: Path, on_event: Event | None, label: str | None = None) -> dict:
+                 pp: Preprocess, root: Path, on_event: Event | None, label: str | None = None,
+                 label_column: str | None = None) -> dict:
     files = fetch_hub(repo, revision, cache_dir(root, "hf"),
                       splits=list(split_map.values()) if split_map else None, on_event=on_event, name=label)
     split_map = split_map or {s: s for s in files.files}
-    skipped, col = {}, None
+    skipped, col, label_col = {}, None, None
     for ours, theirs in split_map.items():
         paths = files.files[theirs]
         where = f"{hf_source(repo)} split {theirs!r}"
+        labeller = folder_labels
         if files.kind == "parquet":
             total, col, items = parquet_images(paths, column)
+            found = parquet_labels(paths, label_column)  # the ClassLabel column, or --label-column
+            if found is not None:
+                label_col, classes, rows = found
+                labeller = _row_labeller(classes, rows)
         else:
             total, items = len(paths), ((p.name, str(p)) for p in paths)
-        pp, sk = _decode_split(w, ours, total, items, pp, on_event, Skipped(), where)
+        pp, sk = _decode_split(w, ours, total, items, pp, on_event, Skipped(), where, labeller)
         skipped[ours] = sk.to_info()
-    return {"revision": files.revision, "image_column": col, "hub_format": files.kind, "skipped": skipped,
-            "_pp": pp}
+    return {"revision": files.revision, "image_column": col, "label_column": label_col, "hub_format": files.kind,
+            "skipped": skipped, "_pp": pp}
+
+
+def _row_labeller(classes: list[str], rows: dict[str, int]):
+    """A labeller for :func:`_decode_split`: the kept rows' class indices, by row name."""
+    return lambda names: (np.array([rows[n] for n in names], dtype=np.int64), classes)
 
 
 # ----------------------------------------------------------------------------- the entry point
@@ -219,12 +236,13 @@ def _prepare_hub(w: PreparedWriter, repo: str, revision: str | None, split_map: 
 def download(source: str, *, root: Path | str | None = None, name: str | None = None, size: int | None = None,
              channels: int | None = None, split: str | None = None, column: str | None = None,
              sha256: str | None = None, crop: str | None = None, force: bool = False,
-             on_event: Event | None = None) -> DownloadResult:
+             on_event: Event | None = None, label_column: str | None = None) -> DownloadResult:
     """Fetch and prepare ``source`` under ``root`` (default :func:`default_data_root`).
 
     ``source``: a known name (mnist, fashion-mnist, cifar10, celeba, celeba-hq),
     ``hf://datasets/OWNER/NAME[@REVISION]``, an ``https://`` URL of an archive (``sha256`` required,
-    or given as ``URL#sha256=HEX``), or a local folder / .zip / .tar / .tar.gz.
+    or given as ``URL#sha256=HEX``), or a local folder / .zip / .tar / .tar.gz. ``label_column``: a Hub
+    parquet dataset's class column (default: its ``ClassLabel`` feature, if any).
     """
     root = resolve_root(root)
     check_size(size)
@@ -237,7 +255,11 @@ def download(source: str, *, root: Path | str | None = None, name: str | None = 
     if kind == "builtin":
         raise UsageError(f"{val} is built in: it is generated when used and needs no download")
     with _no_new_empty_caches(root):
-        return _dispatch(source, kind, val, root, name, size, channels, split, column, sha256, crop, force, on_event)
+        if label_column is not None and kind != "hf":
+            raise UsageError("--label-column applies to hf://datasets/... sources only (a folder's labels are its "
+                             "class sub-folders)")
+        return _dispatch(source, kind, val, root, name, size, channels, split, column, sha256, crop, force, on_event,
+                         label_column)
 
 
 @contextlib.contextmanager
@@ -260,7 +282,7 @@ def _no_new_empty_caches(root: Path):
 
 
 def _dispatch(source, kind, val, root, name, size, channels, split, column, sha256, crop, force,
-              on_event) -> DownloadResult:
+              on_event, label_column=None) -> DownloadResult:
     if kind == "name":
         if not Path(val).exists():
             raise not_found(source, root)
@@ -270,7 +292,7 @@ def _dispatch(source, kind, val, root, name, size, channels, split, column, sha2
         return _download_known(val, root, name, size, channels, split, crop, force, on_event)
     if kind == "hf":
         _forbid(source, sha256=sha256, crop=crop)
-        return _download_hf(val[0], val[1], root, name, size, channels, split, column, force, on_event)
+        return _download_hf(val[0], val[1], root, name, size, channels, split, column, force, on_event, label_column)
     if kind == "url":
         _forbid(source, crop=crop)
         return _download_url(val, root, name, size, channels, split, column, sha256, force, on_event)
@@ -371,11 +393,13 @@ def _celeba_torchvision(w: PreparedWriter, root: Path, splits: list[str], pp: Pr
 
 def _download_hf(repo: str, revision: str | None, root: Path, name: str | None, size: int | None,
                  channels: int | None, split: str | None, column: str | None, force: bool,
-                 on_event: Event | None) -> DownloadResult:
+                 on_event: Event | None, label_column: str | None = None) -> DownloadResult:
     size = size or DEFAULT_SIZE
     name = check_name(name or sanitize_name(repo.replace("/", "--")))
-    identity = {"source": hf_source(repo),
-                "request": {"revision": revision, "size": size, "channels": channels or "auto", "column": column}}
+    request = {"revision": revision, "size": size, "channels": channels or "auto", "column": column}
+    if label_column is not None:
+        request["label_column"] = label_column
+    identity = {"source": hf_source(repo), "request": request}
     splits = [split] if split else None
     state, ds, info = _existing(root, name, identity, splits, force, on_event)
     if state == "ok":
@@ -385,7 +409,7 @@ def _download_hf(repo: str, revision: str | None, root: Path, name: str | None, 
     pp = Preprocess(size, channels)
     with PreparedWriter(root, name) as w:
         extra = _prepare_hub(w, repo, revision, {s: s for s in splits} if splits else None, column, pp, root,
-                             on_event)
+                             on_event, label_column=label_column)
         pp = extra.pop("_pp")
         path, info = w.commit({
             **identity, **extra, "size": size, "channels": pp.channels, "preprocessing": pp.describe(),

@@ -244,12 +244,7 @@ def find_image_column(schema, metadata: dict | None, column: str | None, where: 
         if column not in names:
             raise UsageError(f"--column {column!r} is not in {where}; columns: {', '.join(names)}")
         return column
-    feats = {}
-    if metadata and b"huggingface" in metadata:
-        try:
-            feats = json.loads(metadata[b"huggingface"]).get("info", {}).get("features", {}) or {}
-        except (ValueError, AttributeError, RecursionError):
-            feats = {}
+    feats = _features(metadata)
     for name, f in feats.items():
         if isinstance(f, dict) and f.get("_type") == "Image" and name in names:
             return name
@@ -266,6 +261,61 @@ def find_image_column(schema, metadata: dict | None, column: str | None, where: 
     if binary:
         return binary[0]
     raise DataError(f"no image column in {where} (columns: {', '.join(names)}); name one with --column")
+
+
+def _features(metadata: dict | None) -> dict:
+    """The ``datasets`` features recorded in a parquet file's metadata ({} when absent or unreadable)."""
+    if metadata and b"huggingface" in metadata:
+        try:
+            feats = json.loads(metadata[b"huggingface"]).get("info", {}).get("features", {}) or {}
+            return feats if isinstance(feats, dict) else {}
+        except (ValueError, AttributeError, RecursionError):
+            return {}
+    return {}
+
+
+def parquet_labels(paths: list[Path], label_column: str | None) -> tuple[str, list[str], dict[str, int]] | None:
+    """(label column, class names, {row name: class index}) of parquet files, row names as
+    :func:`parquet_images` gives them. The column is ``label_column``, else the one the ``datasets``
+    metadata marks as a ``ClassLabel`` (its names are the classes, in their order); None when there is
+    neither. An explicit integer column without ClassLabel names gets the classes '0'..'max'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    col, names = None, None
+    for p in paths:
+        schema = pq.ParquetFile(p).schema_arrow
+        feats = _features(schema.metadata)
+        if label_column:
+            if label_column not in schema.names:
+                raise UsageError(f"--label-column {label_column!r} is not in {p.name}; columns: "
+                                 f"{', '.join(schema.names)}")
+            c = label_column
+        else:
+            c = next((n for n, f in feats.items() if isinstance(f, dict) and f.get("_type") == "ClassLabel"
+                      and n in schema.names), None)
+            if c is None:
+                return None
+        f = feats.get(c) if isinstance(feats.get(c), dict) else {}
+        if f.get("_type") == "ClassLabel" and isinstance(f.get("names"), list):
+            names = [str(n) for n in f["names"]]
+        elif not pa.types.is_integer(schema.field(c).type):
+            raise DataError(f"label column {c!r} of {p.name} holds {schema.field(c).type}, not class indices")
+        col = c
+    rows: dict[str, int] = {}
+    for p in paths:
+        row = 0
+        for batch in pq.ParquetFile(p).iter_batches(batch_size=65536, columns=[col]):
+            for v in batch.column(0).to_pylist():
+                if v is None or v < 0:
+                    raise DataError(f"{p.name} row {row} has no class in column {col!r}")
+                rows[f"{p.name}#{row}"] = int(v)
+                row += 1
+    top = max(rows.values(), default=-1)
+    names = names or [str(i) for i in range(top + 1)]
+    if top >= len(names):
+        raise DataError(f"label column {col!r} has class {top}, but only {len(names)} class names")
+    return col, names, rows
 
 
 def parquet_images(paths: list[Path], column: str | None) -> tuple[int, str, Iterator[tuple[str, Source]]]:
