@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ddpmctl.data.shapes import KINDS, classify_shapes, make_shapes
@@ -93,3 +94,39 @@ def test_dry_run_names_the_classes(cli):
     r = cli("train", "shapes", "--conditional", "--dry-run", "--json", "--max-steps", "10")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["spec"]["model"]["classes"] == list(KINDS)
+
+
+@pytest.mark.numerics  # a bitwise promise: runs again under the AVX2 cap in .ci/run
+def test_a_conditional_run_resumes_bitwise_and_keeps_its_classes(tmp_path, one_thread):
+    """Labels and label dropout come from the checkpointed streams: a run stopped after every step and
+    resumed ends bitwise where an uninterrupted one ends. A spec naming other classes is refused."""
+    from safetensors.torch import load_file
+
+    from ddpmctl import spec as S
+    from ddpmctl.errors import UsageError
+    from ddpmctl.train import run
+
+    tiny = ["model.image_size=8", "model.channel_mult=1,2", "model.attention_resolutions=[4]",
+            "model.base_channels=16", "model.num_res_blocks=1", "model.groups=8", "model.head_channels=16",
+            "model.time_embed_dim=32", "sample.grid_size=2", "sample.steps=2", "train.sample_every=1000",
+            "train.log_every=1000", "diffusion.timesteps=100", "model.conditional=true", "train.label_dropout=0.5"]
+
+    def spec(**train):
+        return S.resolve("shapes", sets=tiny, overrides={"train": {"max_steps": 4, "batch_size": 4,
+                                                                   "device": "cpu", **train}})
+
+    run(spec(), tmp_path / "ref")
+    for _ in range(3):
+        run(spec(time_limit=1e-9), tmp_path / "chunked", resume=(tmp_path / "chunked").exists())
+    assert run(spec(), tmp_path / "chunked", resume=True).steps == 4
+    for name in ("model", "ema", "optim"):
+        a = load_file(tmp_path / "ref" / "checkpoints" / "step_00000004" / f"{name}.safetensors")
+        b = load_file(tmp_path / "chunked" / "checkpoints" / "step_00000004" / f"{name}.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert "class_emb.weight" in load_file(tmp_path / "ref" / "checkpoints" / "step_00000004" / "model.safetensors")
+    saved = S.load(tmp_path / "ref" / "spec.json")
+    assert saved.model.classes == KINDS
+    other = spec(max_steps=6)
+    other.model.classes = ("a", "b", "c")
+    with pytest.raises(UsageError, match=r"the spec's classes \['a', 'b', 'c'\] differ from the data's"):
+        run(other, tmp_path / "ref", resume=True)
