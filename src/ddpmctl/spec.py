@@ -36,6 +36,22 @@ class ModelSpec(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in residual blocks.")
     time_embed_dim: int = Field(256, ge=16, le=4096, description="Sinusoidal timestep embedding size.")
     groups: int = Field(32, ge=1, le=128, description="GroupNorm groups.")
+    # Options that let the network express diffusers' UNet2DModel (and Ho et al.'s original network)
+    # exactly (:mod:`ddpmctl.diffusersfmt`); the defaults are ddpmctl's own network.
+    time_injection: Literal["scale_shift", "add"] = Field(
+        "scale_shift", description="How a residual block takes the time embedding: scale_shift = adaptive "
+        "GroupNorm (1 + scale) * norm(h) + shift (norm2 without affine); add = h + Linear(emb) before an affine "
+        "norm2 (Ho et al. 2020; diffusers' resnet_time_scale_shift \"default\").")
+    time_mlp_dim: Optional[int] = Field(None, ge=16, le=8192, description="Output size of the time MLP "
+                                        "(None: time_embed_dim; diffusers: 4 x base_channels).")
+    sinusoid_order: Literal["cos_sin", "sin_cos"] = Field(
+        "cos_sin", description="Halves of the timestep sinusoid (diffusers' flip_sin_to_cos true: cos_sin).")
+    freq_shift: float = Field(0.0, ge=0.0, le=1.0, description="Sinusoid frequencies exp(-log(10000) i / "
+                              "(half - freq_shift)) (diffusers' freq_shift; Ho et al.: 1).")
+    norm_eps: float = Field(1e-5, gt=0.0, le=1e-2, description="Epsilon of every GroupNorm.")
+    downsample_padding: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="Stride-2 convolution padding: symmetric = 1 pixel on every side; asymmetric = "
+        "one row and column at the bottom and right only (TensorFlow's SAME; diffusers' downsample_padding 0).")
 
     @model_validator(mode="after")
     def _check(self) -> "ModelSpec":
@@ -69,6 +85,20 @@ class DiffusionSpec(_Section):
     timesteps: int = Field(1000, ge=10, le=10000, description="Number of diffusion steps T.")
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Noise schedule.")
     prediction: Literal["eps", "v"] = Field("eps", description="What the network predicts.")
+    beta_range: Optional[tuple[float, float]] = Field(
+        None, description="linear schedule only: (beta_1, beta_T) as given (diffusers' beta_start, beta_end); "
+        "None: 1e-4 to 0.02 scaled by 1000 / T (Ho et al.; improved-diffusion).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DiffusionSpec":
+        if self.beta_range is not None:
+            lo, hi = self.beta_range
+            if self.schedule != "linear":
+                raise ValueError(f"beta_range applies to the linear schedule only (schedule is {self.schedule!r}); "
+                                 "remove it or set schedule = linear")
+            if not 0.0 < lo <= hi < 1.0:
+                raise ValueError(f"beta_range must satisfy 0 < beta_1 <= beta_T < 1, got {list(self.beta_range)}")
+        return self
 
 
 class DataSpec(_Section):
