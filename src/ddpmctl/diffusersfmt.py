@@ -56,14 +56,11 @@ Warn = Callable[[str], None]
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_json(path: Path, where: str) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{where}: not a readable JSON file ({exc})") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{where}: expected a JSON object")
-    return data
+def read_config(path: Path, what: str) -> dict:
+    """A diffusers JSON config (one JSON object), through ddpmctl's one small-file reader."""
+    from ddpmctl.smallfiles import read_object
+
+    return read_object(path, expect=f"diffusers' {what}", toml=False)
 
 
 def _class_name(path: Path) -> str | None:

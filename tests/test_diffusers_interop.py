@@ -1,0 +1,208 @@
+"""diffusers interop (issue 15): diffusers' UNet2DModel/DDPMPipeline folders load onto ddpmctl's own network
+and sample the same; ddpmctl runs export folders that diffusers loads. diffusers is a test-only extra.
+
+The google/ddpm-* configurations are reproduced with small channel counts (the real ones are checked for
+shapes and parameter counts on the meta device); every parameter is random, zero-initialised ones too.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import run_cli, run_main
+
+diffusers = pytest.importorskip("diffusers", reason="the diffusers interop tests need the test extra (diffusers)")
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
+
+pytestmark = pytest.mark.numerics
+
+# The google/ddpm-* UNet2DModel configs (cifar10-32; celebahq/church/bedroom/cat-256 and their ddpm-ema-*
+# twins share one), as released: Ho et al.'s network in diffusers' names.
+GOOGLE_COMMON = {"act_fn": "silu", "attention_head_dim": None, "center_input_sample": False, "downsample_padding": 0,
+                 "flip_sin_to_cos": False, "freq_shift": 1, "in_channels": 3, "out_channels": 3, "layers_per_block": 2,
+                 "mid_block_scale_factor": 1, "norm_eps": 1e-6, "norm_num_groups": 32,
+                 "time_embedding_type": "positional"}
+GOOGLE = {
+    "ddpm-cifar10-32": {**GOOGLE_COMMON, "sample_size": 32, "block_out_channels": [128, 256, 256, 256],
+                        "down_block_types": ["DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"],
+                        "up_block_types": ["UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"]},
+    "ddpm-256 (celebahq, church, bedroom, cat)": {
+        **GOOGLE_COMMON, "sample_size": 256, "block_out_channels": [128, 128, 256, 256, 512, 512],
+        "down_block_types": ["DownBlock2D"] * 4 + ["AttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "AttnUpBlock2D"] + ["UpBlock2D"] * 4},
+}
+
+
+def small(cfg: dict, **over) -> dict:
+    """The same configuration with 1/8 of the channels, 8 groups and a quarter of the size (at least 32)."""
+    return {**cfg, "block_out_channels": [c // 8 for c in cfg["block_out_channels"]], "norm_num_groups": 8,
+            "sample_size": max(32, cfg["sample_size"] // 4), **over}
+
+
+def random_unet(cfg: dict) -> UNet2DModel:
+    torch.manual_seed(0)
+    net = UNet2DModel(**cfg).eval()
+    with torch.no_grad():
+        for p in net.parameters():  # every parameter, zero-initialised ones included
+            p.normal_(0.0, 0.15)
+    return net
+
+
+def scheduler(**over) -> DDPMScheduler:
+    return DDPMScheduler(**{"num_train_timesteps": 1000, "beta_schedule": "linear", "beta_start": 0.0001,
+                            "beta_end": 0.02, "clip_sample": True, "variance_type": "fixed_small", **over})
+
+
+def pipeline_folder(tmp_path: Path, net: UNet2DModel, sched: DDPMScheduler, name: str = "pipe") -> Path:
+    DDPMPipeline(unet=net, scheduler=sched).save_pretrained(tmp_path / name, safe_serialization=True)
+    return tmp_path / name
+
+
+def assert_same_outputs(net: UNet2DModel, den, n: int = 3) -> None:
+    size, ch = den.spec.model.image_size, den.spec.model.channels
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, ch, size, size, generator=g)
+    t = torch.tensor([0, 1, den.spec.diffusion.timesteps - 1, 17, 500][:n])
+    with torch.no_grad():
+        want = net(x, t).sample
+        got = den.model(x, t)
+    assert want.abs().max() > 0.1  # a network whose output says something
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------- diffusers -> ddpmctl
+@pytest.mark.parametrize("name", list(GOOGLE))
+@pytest.mark.parametrize("shift", ["default", "scale_shift"])
+def test_google_configs_load_onto_ddpmctls_network_and_agree(tmp_path, name, shift):
+    from ddpmctl.modelfolder import load_source
+
+    extra = {"resnet_time_scale_shift": shift, **({"attn_norm_num_groups": 8} if shift == "scale_shift" else {})}
+    net = random_unet(small(GOOGLE[name], **extra))
+    den = load_source(str(pipeline_folder(tmp_path, net, scheduler())))
+    m = den.spec.model
+    assert (m.time_injection, m.sinusoid_order, m.freq_shift, m.norm_eps, m.downsample_padding) == (
+        "add" if shift == "default" else "scale_shift", "sin_cos", 1.0, 1e-6, "asymmetric")
+    assert den.weights == "diffusers" and den.spec.sample.sampler == "ddpm"
+    assert_same_outputs(net, den)
+
+
+@pytest.mark.parametrize("name", list(GOOGLE))
+def test_real_google_configs_map_shape_for_shape_on_the_meta_device(name):
+    from ddpmctl import diffusersfmt as dfm
+    from ddpmctl.spec import ModelSpec
+    from ddpmctl.unet import build, count_parameters
+
+    cfg = GOOGLE[name]
+    spec = ModelSpec(**dfm.model_spec_from_unet_config(cfg, name))
+    with torch.device("meta"):
+        net = UNet2DModel(**cfg)
+        ours = build(spec)
+        mapped = dfm.state_dict_from_diffusers(dict(net.state_dict()), spec, name)
+        out = ours(torch.zeros(1, 3, spec.image_size, spec.image_size), torch.zeros(1, dtype=torch.long))
+    assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.state_dict().items()}
+    assert count_parameters(ours) == sum(p.numel() for p in net.parameters())  # cifar10: 35.7M, 256: 113.7M
+    assert out.shape == (1, 3, spec.image_size, spec.image_size)
+    # one head per attention block (attention_head_dim null): as wide as the block
+    assert all(a.heads == 1 for a in ours.modules() if type(a).__name__ == "Attention")
+
+
+@pytest.mark.parametrize("schedule,prediction", [("linear", "epsilon"), ("squaredcos_cap_v2", "v_prediction")])
+def test_ddpm_sampler_equals_ddpmpipeline_with_the_same_noise(tmp_path, schedule, prediction):
+    from ddpmctl.diffusion import Schedule
+    from ddpmctl.modelfolder import load_source
+    from ddpmctl.samplers import ddpm_sample, per_image_generators, randn_per_image
+
+    net = random_unet(small(GOOGLE["ddpm-cifar10-32"], block_out_channels=[16, 32], sample_size=16,
+                            down_block_types=["DownBlock2D", "AttnDownBlock2D"],
+                            up_block_types=["AttnUpBlock2D", "UpBlock2D"]))
+    sched = scheduler(num_train_timesteps=20, beta_schedule=schedule, beta_start=0.001, beta_end=0.2,
+                      prediction_type=prediction)
+    den = load_source(str(pipeline_folder(tmp_path, net, sched)))
+    d = den.spec.diffusion
+    assert (d.timesteps, d.schedule, d.prediction) == (20, "linear" if schedule == "linear" else "cosine",
+                                                       "eps" if prediction == "epsilon" else "v")
+    s = Schedule.create(d.schedule, d.timesteps, d.beta_range)
+    torch.testing.assert_close(s.betas.float(), sched.betas, rtol=1e-6, atol=0)  # the same betas
+    for seed in (0, 7):
+        gens = per_image_generators([seed], "cpu")
+        x_T = randn_per_image(gens, (3, 16, 16), "cpu")
+        ours = ddpm_sample(den.model, s, x_T, gens, prediction=d.prediction)
+        pipe = DDPMPipeline(unet=net, scheduler=sched)
+        pipe.set_progress_bar_config(disable=True)
+        theirs = pipe(batch_size=1, generator=torch.Generator().manual_seed(seed), num_inference_steps=20,
+                      output_type="np").images
+        torch.testing.assert_close((ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1), torch.from_numpy(theirs),
+                                   rtol=0, atol=1e-5)
+
+
+def test_unmappable_configs_are_refused_naming_the_field(tmp_path):
+    from ddpmctl import diffusersfmt as dfm
+    from ddpmctl.errors import UsageError
+
+    cfg = small(GOOGLE["ddpm-cifar10-32"])
+    for field, value in [("time_embedding_type", "fourier"), ("up_block_types", ["UpBlock2D"] * 4),
+                         ("down_block_types", ["DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D", "DownBlock2D"]),
+                         ("attention_head_dim", 24), ("out_channels", 6), ("class_embed_type", "timestep")]:
+        with pytest.raises(UsageError, match=field.split("_types")[0]):
+            dfm.model_spec_from_unet_config({**cfg, field: value}, "unet/config.json")
+    for field, value in [("beta_schedule", "scaled_linear"), ("prediction_type", "sample"),
+                         ("variance_type", "learned_range")]:
+        with pytest.raises(UsageError, match=field):
+            dfm.diffusion_from_scheduler_config({field: value}, "scheduler/scheduler_config.json")
+    warned = []
+    dfm.diffusion_from_scheduler_config({"variance_type": "fixed_large", "clip_sample": False}, "s", warned.append)
+    assert any("--variance beta" in w for w in warned) and any("clip" in w for w in warned)
+
+
+def test_a_pickle_only_diffusers_folder_is_refused_without_unpickling(tmp_path, monkeypatch, capsys):
+    folder = pipeline_folder(tmp_path, random_unet(small(GOOGLE["ddpm-cifar10-32"])), scheduler())
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    (folder / "unet" / "diffusion_pytorch_model.bin").write_bytes(b"\x80\x04 not a pickle to be opened")
+    code, _, err = run_main(monkeypatch, capsys, "sample", str(folder), "--n", "1", "--out", str(tmp_path / "s"))
+    assert code == 2, err
+    assert "pickle" in err and "safe_serialization=True" in err
+    assert not (tmp_path / "s").exists()
+
+
+def test_hf_source_resolves_a_diffusers_repo_through_snapshot_download(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from ddpmctl.modelfolder import load_source
+
+    net = random_unet(small(GOOGLE["ddpm-cifar10-32"]))
+    folder = pipeline_folder(tmp_path, net, scheduler())
+    calls = []
+
+    def fake_snapshot_download(repo_id, **kwargs):
+        calls.append((repo_id, kwargs))
+        return str(folder)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    den = load_source("hf:google/ddpm-cifar10-32")
+    assert calls[0][0] == "google/ddpm-cifar10-32" and "*.safetensors" in calls[0][1]["allow_patterns"]
+    assert den.source == "hf:google/ddpm-cifar10-32"
+    assert_same_outputs(net, den)
+
+
+def test_flat_layout_of_the_google_repos_loads(tmp_path):
+    """google/ddpm-* keep config.json, the weights and scheduler_config.json side by side."""
+    from ddpmctl.modelfolder import load_source
+
+    net = random_unet(small(GOOGLE["ddpm-cifar10-32"]))
+    net.save_pretrained(tmp_path / "flat", safe_serialization=True)
+    scheduler(num_train_timesteps=40).save_pretrained(tmp_path / "flat")
+    den = load_source(str(tmp_path / "flat"))
+    assert den.spec.diffusion.timesteps == 40
+    assert_same_outputs(net, den)
+
+
+def test_sample_cli_draws_images_from_a_diffusers_folder(tmp_path, monkeypatch, capsys):
+    net = random_unet(small(GOOGLE["ddpm-cifar10-32"]))
+    folder = pipeline_folder(tmp_path, net, scheduler(num_train_timesteps=10, beta_end=0.2))
+    code, out, err = run_main(monkeypatch, capsys, "sample", str(folder), "--n", "2", "--sampler", "ddim",
+                              "--steps", "3", "--out", str(tmp_path / "s"))
+    assert code == 0, err
+    assert len(list((tmp_path / "s").glob("*.png"))) == 2
