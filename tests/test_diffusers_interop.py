@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli, run_main
+from conftest import randomise, run_cli, run_main
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers interop tests need the test extra (diffusers)")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
@@ -61,7 +61,7 @@ def pipeline_folder(tmp_path: Path, net: UNet2DModel, sched: DDPMScheduler, name
     return tmp_path / name
 
 
-def assert_same_outputs(net: UNet2DModel, den, n: int = 3) -> None:
+def assert_same_outputs(net: UNet2DModel, den, n: int = 3, says: float = 0.1) -> None:
     size, ch = den.spec.model.image_size, den.spec.model.channels
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, ch, size, size, generator=g)
@@ -69,7 +69,7 @@ def assert_same_outputs(net: UNet2DModel, den, n: int = 3) -> None:
     with torch.no_grad():
         want = net(x, t).sample
         got = den.model(x, t)
-    assert want.abs().max() > 0.1  # a network whose output says something
+    assert want.abs().max() > says  # a network whose output says something
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
@@ -206,3 +206,64 @@ def test_sample_cli_draws_images_from_a_diffusers_folder(tmp_path, monkeypatch, 
                               "--steps", "3", "--out", str(tmp_path / "s"))
     assert code == 0, err
     assert len(list((tmp_path / "s").glob("*.png"))) == 2
+
+
+# ---------------------------------------------------------------- ddpmctl -> diffusers
+# The tiny run of conftest.TRAIN_ARGS with the time embedding diffusers has (sinusoid of base_channels
+# entries, MLP to 4 x base_channels); everything else is ddpmctl's default network (adaptive GroupNorm).
+DIFFUSERS_SETS = ["--set", "model.time_embed_dim=16", "--set", "model.time_mlp_dim=64"]
+
+
+@pytest.fixture(scope="module")
+def diffusers_run(tmp_path_factory) -> Path:
+    from conftest import TRAIN_ARGS
+
+    base = tmp_path_factory.mktemp("drun")
+    env = {"DDPMCTL_DATA": str(base / "data-root"), "HF_HOME": str(base / "hf-home"), "HF_HUB_OFFLINE": "1"}
+    r = run_cli(*TRAIN_ARGS, *DIFFUSERS_SETS, "--set", "train.sample_every=1000", "--out", "runs/d", cwd=base,
+                env=env)
+    assert r.returncode == 0, r.stderr
+    return base / "runs" / "d"
+
+
+def test_export_format_diffusers_loads_in_diffusers_and_agrees(diffusers_run, tmp_path, monkeypatch, capsys):
+    from ddpmctl import diffusersfmt as dfm
+    from ddpmctl.modelfolder import load_run, load_source
+
+    out = tmp_path / "exp"
+    code, stdout, err = run_main(monkeypatch, capsys, "export", str(diffusers_run), "--format", "diffusers",
+                                 "--out", str(out), "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert set(res["files"]) == {"model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                                 "scheduler/scheduler_config.json", "README.md", "samples.png"}
+    card = (out / "README.md").read_text()
+    assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
+    assert "linspace" in card  # the note on diffusers' timestep spacing
+
+    net = UNet2DModel.from_pretrained(out / "unet").eval()
+    assert net.config.resnet_time_scale_shift == "scale_shift"
+    den = load_run(diffusers_run)  # the run's own EMA network (4 steps from its zero-initialised output layer)
+    assert_same_outputs(net, den, says=1e-3)
+    assert_same_outputs(net, load_source(str(out)), says=1e-3)  # and ddpmctl reads its own export back
+    # The same mapping with every weight random, so that the outputs are far from zero.
+    randomise(den.model)
+    net.load_state_dict(dfm.state_dict_to_diffusers(den.model.state_dict(), den.spec.model))
+    assert_same_outputs(net, den)
+
+    pipe = DDPMPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"  # the shapes preset predicts v
+    assert pipe.scheduler.config.num_train_timesteps == den.spec.diffusion.timesteps
+    images = pipe(batch_size=2, num_inference_steps=5, generator=torch.Generator().manual_seed(0),
+                  output_type="np").images
+    assert images.shape == (2, 32, 32, 3) and images.std() > 0.01
+
+
+def test_export_format_diffusers_refuses_a_network_diffusers_cannot_express(trained_run, tmp_path, monkeypatch,
+                                                                           capsys):
+    out = tmp_path / "exp"
+    code, _, err = run_main(monkeypatch, capsys, "export", str(trained_run), "--format", "diffusers",
+                            "--out", str(out))
+    assert code == 2, err
+    assert "time_embed_dim 128 != base_channels 16" in " ".join(err.split()) and not out.exists()

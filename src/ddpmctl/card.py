@@ -49,17 +49,20 @@ def _eval_rows(rec: dict) -> list[dict]:
     return rows
 
 
-def render_card(config: dict, source: str, *, license: str = "mit") -> str:
-    """The README.md of a model folder: YAML front matter (huggingface_hub.ModelCardData) + body."""
+def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "ddpmctl") -> str:
+    """The README.md of a model folder: YAML front matter (huggingface_hub.ModelCardData) + body.
+    ``fmt``: "ddpmctl" (a ddpmctl model folder) or "diffusers" (a DDPMPipeline folder)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     tr, m, d, g = config["training"], config["model"], config["diffusion"], config["grid"]
     w = config["weights"]
+    diffusers = fmt == "diffusers"
+    tags = ["ddpmctl", "diffusion", "ddpm", "unconditional-image-generation", "pytorch", "safetensors"]
     data = ModelCardData(
-        library_name="ddpmctl",
+        library_name="diffusers" if diffusers else "ddpmctl",
         pipeline_tag="unconditional-image-generation",
         license=license,
-        tags=["ddpmctl", "diffusion", "ddpm", "unconditional-image-generation", "pytorch", "safetensors"],
+        tags=tags + ["diffusers", "diffusers:DDPMPipeline"] if diffusers else tags,
         datasets=tr.get("hub_datasets") or None,
     )
     title = f"{tr.get('run') or 'ddpmctl model'}"
@@ -88,6 +91,10 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"*i*, whatever the batch size), drawn in float32 with the `{g['sampler']}` sampler and laid out "
         f"{g['nrow']} per row. More images: raise `--n`; other samplers: `--sampler {'|'.join(SAMPLERS)}`.",
         "",
+        *(_diffusers_use(d, source) if diffusers else
+          ["This folder is in ddpmctl's format; `ddpmctl export RUN --format diffusers` writes the same weights "
+           "as a diffusers `DDPMPipeline` folder (docs/hub.md says which networks have a diffusers equivalent).",
+           ""]),
         "## Training",
         "",
         "| | |",
@@ -127,7 +134,9 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"{'ε (the noise)' if d['prediction'] == 'eps' else 'v'} |",
         f"| weights | `{w['file']}`: {'EMA' if w['kind'] == 'ema' else 'raw (non-EMA)'} weights in {w['dtype']}, "
         f"from checkpoint {tr.get('checkpoint')} (safetensors: no pickle) |",
-        f"| config | `config.json`: the model, diffusion and sample settings (ddpmctl {config['ddpmctl_version']}) |",
+        (f"| config | `unet/config.json` (UNet2DModel) and `scheduler/scheduler_config.json` (DDPMScheduler), "
+         f"written by ddpmctl {config['ddpmctl_version']} |" if diffusers else
+         f"| config | `config.json`: the model, diffusion and sample settings (ddpmctl {config['ddpmctl_version']}) |"),
     ]
     if config.get("onnx"):
         o = config["onnx"]
@@ -137,6 +146,34 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
     body = "\n".join(lines) + "\n"
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     return str(card)
+
+
+def _diffusers_use(d: dict, source: str) -> list[str]:
+    """The card's diffusers section: loading the folder with diffusers, and where its samplers differ."""
+    return [
+        "### With diffusers",
+        "",
+        "This is a diffusers `DDPMPipeline` folder (`model_index.json`, `unet/`, `scheduler/`); ddpmctl reads it "
+        "too (the ddpmctl format, `ddpmctl export RUN`, is the other one ddpmctl writes).",
+        "",
+        "```python",
+        "from diffusers import DDIMScheduler, DDPMPipeline",
+        "",
+        f"pipe = DDPMPipeline.from_pretrained({source.removeprefix('hf:')!r})",
+        f"images = pipe(batch_size=4, num_inference_steps={d['timesteps']}).images  # DDPM: all T steps",
+        "# DDIM with ddpmctl's timesteps (first step at t = T - 1):",
+        'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")',
+        "images = pipe(batch_size=4, num_inference_steps=50).images",
+        "```",
+        "",
+        f"DDPM over all T = {d['timesteps']} steps is the same process in both (same betas, "
+        f"{'ε' if d['prediction'] == 'eps' else 'v'}-prediction, x0 clipped to [-1, 1], σ² = β̃). With fewer "
+        "steps the timesteps differ: diffusers' default spacing (\"leading\") visits t = T - T/steps, ..., 0 and "
+        "never t = T - 1, while ddpmctl's DDIM visits round((T - 1)(1 - i/(steps - 1))), as diffusers' "
+        "\"linspace\" spacing does; its DPM-Solver++ spaces steps evenly in log-SNR. `ddpmctl sample` follows "
+        "ddpmctl's.",
+        "",
+    ]
 
 
 def sample_command(source: str, grid: dict) -> str:

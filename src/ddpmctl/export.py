@@ -79,12 +79,7 @@ def export_model_folder(
         require_onnx()
     run_dir = ck.check_run_dir(Path(run_dir))
     spec = rundir.load_spec(run_dir)
-    ckpt = ck.find_newest(run_dir, on_warning=on_warning)
-    kind = "ema" if use_ema else "model"
-    tensors = ckpt.tensors(kind)
-    with torch.device("meta"):
-        expected = ck.tensor_specs(build(spec.model).state_dict())
-    ck.check_fits_spec(ckpt, kind, tensors, expected)  # the check `sample` and `resume` make
+    ckpt, kind, tensors = _checked_tensors(run_dir, spec, use_ema, on_warning)
     tensors = {k: (v.to(DTYPES[dtype]) if v.is_floating_point() else v).contiguous() for k, v in tensors.items()}
     config = _make_config(spec, run_dir, ckpt, kind, dtype, sum(v.numel() for v in tensors.values()))
 
@@ -107,6 +102,83 @@ def export_model_folder(
         (tmp / CARD_FILE).write_text(render_card(config, source, license=license), encoding="utf-8")
         files = file_sizes(tmp)
     return ExportResult(str(out), files, dtype, kind, ckpt.step, diff)
+
+
+def _checked_tensors(run_dir: Path, spec: RunSpec, use_ema: bool,
+                     on_warning: Warn | None) -> tuple[ck.Checkpoint, str, dict[str, torch.Tensor]]:
+    """(newest checkpoint, "ema" | "model", its weights checked against the spec's network)."""
+    ckpt = ck.find_newest(run_dir, on_warning=on_warning)
+    kind = "ema" if use_ema else "model"
+    tensors = ckpt.tensors(kind)
+    with torch.device("meta"):
+        expected = ck.tensor_specs(build(spec.model).state_dict())
+    ck.check_fits_spec(ckpt, kind, tensors, expected)  # the check `sample` and `resume` make
+    return ckpt, kind, tensors
+
+
+def export_diffusers_folder(
+    run_dir: Path,
+    out: Path,
+    *,
+    use_ema: bool = True,
+    repo_id: str | None = None,
+    license: str = "mit",
+    device: torch.device | str = "cpu",
+    overwrite: bool = False,
+    on_warning: Warn | None = None,
+) -> ExportResult:
+    """Write RUN_DIR's newest checkpoint as a diffusers DDPMPipeline folder (whole or not at all):
+    model_index.json, unet/config.json + unet/diffusion_pytorch_model.safetensors (fp32),
+    scheduler/scheduler_config.json (DDPMScheduler), README.md (the card, library_name: diffusers) and
+    samples.png, drawn from the folder as ddpmctl loads it back. A network diffusers cannot express is
+    refused before anything is written (:func:`ddpmctl.diffusersfmt.unet_config_from_spec`)."""
+    from ddpmctl import diffusersfmt as dfm
+    from ddpmctl.modelfolder import load_diffusers_folder
+
+    check_out_dir(Path(out), overwrite, reading=[run_dir], model_folder=True)
+    run_dir = ck.check_run_dir(Path(run_dir))
+    spec = rundir.load_spec(run_dir)
+    unet_config = dfm.unet_config_from_spec(spec.model, num_classes=getattr(spec.model, "num_classes", None))
+    ckpt, kind, tensors = _checked_tensors(run_dir, spec, use_ema, on_warning)
+    tensors = {k: v.float() for k, v in tensors.items()}
+    theirs = dfm.state_dict_to_diffusers(tensors, spec.model)
+    config = _make_config(spec, run_dir, ckpt, kind, "fp32", sum(v.numel() for v in tensors.values()))
+    config["weights"]["file"] = f"{dfm.UNET_DIR}/{dfm.UNET_WEIGHTS}"
+
+    out = Path(out)
+    with writing(out, kept=f"{out} is as it was before this command (the partial folder was removed)"), \
+            staged_dir(out, overwrite, reading=[run_dir], model_folder=True) as tmp:
+        (tmp / dfm.UNET_DIR).mkdir()
+        (tmp / dfm.SCHEDULER_DIR).mkdir()
+        _write_json(tmp / dfm.INDEX_FILE, dfm.index_config())
+        _write_json(tmp / dfm.UNET_DIR / dfm.UNET_CONFIG, unet_config)
+        (tmp / dfm.UNET_DIR / dfm.UNET_WEIGHTS).write_bytes(save_safetensors(theirs, metadata={"format": "pt"}))
+        _write_json(tmp / dfm.SCHEDULER_DIR / dfm.SCHEDULER_CONFIG, dfm.scheduler_config_from_spec(spec.diffusion))
+        # Load the folder back as `ddpmctl sample` will: the same network, to float32 rounding.
+        den = load_diffusers_folder(tmp)
+        diff = _max_abs_diff(den, spec, tensors)  # on the CPU, in float32
+        den.model.to(device)
+        if diff > 1e-4:
+            raise RuntimeError(f"the diffusers folder does not reproduce the run's network (max |diff| {diff:.3g}); "
+                               "please report this")
+        _draw_grid(den, config["grid"], tmp / GRID_FILE, device)
+        source = f"{HF_PREFIX}{repo_id}" if repo_id else str(out)
+        (tmp / CARD_FILE).write_text(render_card(config, source, license=license, fmt="diffusers"), encoding="utf-8")
+        files = file_sizes(tmp)
+    return ExportResult(str(out), files, "fp32", kind, ckpt.step)
+
+
+def _max_abs_diff(den: Denoiser, spec: RunSpec, tensors: dict[str, torch.Tensor]) -> float:
+    """max |den.model - the run's network| on a fixed random batch at three timesteps (CPU, float32)."""
+    ours = build(spec.model)
+    ours.load_state_dict(tensors)
+    ours.eval()
+    m = spec.model
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, m.channels, m.image_size, m.image_size, generator=g)
+    t = torch.tensor([0, spec.diffusion.timesteps // 2, spec.diffusion.timesteps - 1])
+    with torch.no_grad():
+        return float((den.model(x, t) - ours(x, t)).abs().max())
 
 
 def _dataset_info(source: str) -> tuple[str, list[str]]:
@@ -184,4 +256,6 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def file_sizes(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(Path(folder).iterdir()) if p.is_file()}
+    """Relative path -> bytes of every file in ``folder`` (a diffusers folder has unet/ and scheduler/)."""
+    folder = Path(folder)
+    return {p.relative_to(folder).as_posix(): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
