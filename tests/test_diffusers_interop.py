@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomise, run_cli, run_main
+from test_hub import hub  # noqa: F401  (the stubbed HfApi fixture)
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers interop tests need the test extra (diffusers)")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
@@ -267,3 +268,21 @@ def test_export_format_diffusers_refuses_a_network_diffusers_cannot_express(trai
                             "--out", str(out))
     assert code == 2, err
     assert "time_embed_dim 128 != base_channels 16" in " ".join(err.split()) and not out.exists()
+
+
+def test_hub_push_format_diffusers_uploads_a_folder_diffusers_loads(diffusers_run, hub, tmp_path, monkeypatch,
+                                                                    capsys):
+    code, out, err = run_main(monkeypatch, capsys, "hub-push", str(diffusers_run), "--format", "diffusers",
+                              "--repo-id", "alice/shapes-diffusers", "--json")
+    assert code == 0, err
+    assert hub.names() == ["whoami", "create_repo", "upload_folder"]
+    up = hub.uploaded
+    assert (up / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (up / "scheduler" / "scheduler_config.json").is_file() and (up / "model_index.json").is_file()
+    card = (up / "README.md").read_text()
+    assert "library_name: diffusers" in card and "DDPMPipeline.from_pretrained('alice/shapes-diffusers')" in card
+    assert "ddpmctl sample hf:alice/shapes-diffusers" in card
+    assert DDPMPipeline.from_pretrained(up).unet.config.sample_size == 32
+    # The uploaded folder pushes again as it is; naming the other format is refused.
+    code, _, err = run_main(monkeypatch, capsys, "hub-push", str(up), "--format", "ddpmctl", "--dry-run")
+    assert code == 2 and "is a diffusers folder" in err

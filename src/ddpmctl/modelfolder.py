@@ -233,8 +233,8 @@ def resolve_source(source: Path | None) -> tuple[Path, str]:
         raise UsageError(f"{path} does not exist (expected a run directory or a model folder)")
     if path.is_dir() and rundir.spec_path(path).is_file():
         return path, "run"
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return path, "folder"
+    if path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / "model_index.json").is_file()):
+        return path, "folder"  # a ddpmctl model folder or a diffusers folder
     if path.is_dir() and any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir()):
         load_model_folder(path)  # raises the pickle message
     raise UsageError(f"{path} is neither a ddpmctl run directory (spec.json) nor a model folder (config.json + "
