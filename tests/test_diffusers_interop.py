@@ -286,3 +286,56 @@ def test_hub_push_format_diffusers_uploads_a_folder_diffusers_loads(diffusers_ru
     # The uploaded folder pushes again as it is; naming the other format is refused.
     code, _, err = run_main(monkeypatch, capsys, "hub-push", str(up), "--format", "ddpmctl", "--dry-run")
     assert code == 2 and "is a diffusers folder" in err
+
+
+# ---------------------------------------------------------------- train --init
+INIT_ARGS = ["train", "shapes", "--max-steps", "1", "--batch-size", "8", "--seed", "3", "--sample-every", "1000",
+             "--set", "train.log_every=1", "--set", "sample.grid_size=1", "--set", "sample.sampler=ddim",
+             "--set", "sample.steps=2"]
+
+
+def first_loss(run: Path) -> float:
+    return json.loads((run / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+
+
+def test_train_init_starts_from_the_sources_weights(tmp_path, monkeypatch, capsys):
+    from ddpmctl.checkpoint import find_newest
+    from ddpmctl.modelfolder import load_source
+    from ddpmctl.rundir import load_spec
+
+    net = random_unet(small(GOOGLE["ddpm-cifar10-32"]))
+    with torch.no_grad():
+        net.conv_out.weight.mul_(20)  # outputs of several units: a loss far from a fresh network's ~1
+    source = pipeline_folder(tmp_path, net, scheduler())
+    code, _, err = run_main(monkeypatch, capsys, *INIT_ARGS, "--init", str(source), "--out", str(tmp_path / "b"))
+    assert code == 0, err
+    spec = load_spec(tmp_path / "b")
+    src = load_source(str(source))
+    assert spec.train.init == str(source.resolve()) and spec.model == src.spec.model
+    assert spec.diffusion == src.spec.diffusion
+    # after one step (lr 1e-5 in the warm-up) the weights are still the source's, not a fresh network's
+    model = find_newest(tmp_path / "b").tensors("model")
+    want = src.model.state_dict()
+    assert max(float((model[k] - want[k]).abs().max()) for k in want) < 1e-3
+
+    # the same run without --init (same network, seed, batch, timesteps and noise) starts at a fresh
+    # network's loss (~1: its output layer is zero); from the source, that network's loss (far larger)
+    fresh = {k: v for k, v in json.loads((tmp_path / "b" / "spec.json").read_text()).items()}
+    fresh["train"]["init"] = None
+    (tmp_path / "fresh.json").write_text(json.dumps(fresh))
+    code, _, err = run_main(monkeypatch, capsys, *INIT_ARGS, "--spec", str(tmp_path / "fresh.json"),
+                            "--out", str(tmp_path / "c"))
+    assert code == 0, err
+    x = torch.randn(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # the source's output scale: its loss on eps targets is about mean(out^2) + 1
+        expected = float(net(x, torch.full((64,), 500)).sample.pow(2).mean()) + 1
+    assert first_loss(tmp_path / "c") < 1.5 and first_loss(tmp_path / "b") > 0.3 * expected > 3
+
+
+def test_train_init_refuses_a_network_field_that_differs_naming_both_values(tmp_path, monkeypatch, capsys):
+    source = pipeline_folder(tmp_path, random_unet(small(GOOGLE["ddpm-cifar10-32"])), scheduler())
+    code, _, err = run_main(monkeypatch, capsys, *INIT_ARGS, "--init", str(source), "--set", "model.image_size=64",
+                            "--out", str(tmp_path / "b"))
+    assert code == 2
+    assert "model.image_size=64" in err and "is 32" in err
+    assert not (tmp_path / "b").exists()

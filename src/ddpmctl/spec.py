@@ -150,6 +150,9 @@ class TrainSpec(_Section):
     time_limit: Optional[float] = Field(None, gt=0, le=365 * 86400, description="Seconds of this process's wall "
                                         "time after which training stops at the next step boundary with a "
                                         "checkpoint (also 30m, 2h, 1d); `ddpmctl resume` continues.")
+    init: Optional[str] = Field(None, description="Where the starting weights (and EMA) came from (`train --init`): "
+                                "a run dir, a model folder, a diffusers folder or hf:OWNER/NAME[@REV]; the "
+                                "model and diffusion sections are the source's.")
 
     @field_validator("time_limit", mode="before")
     @classmethod
@@ -354,6 +357,37 @@ def resolve(
         if clean:
             data[section] = {**data.get(section, {}), **clean}
     return validate(data)
+
+
+NETWORK_SECTIONS = ("model", "diffusion")  # what `train --init SOURCE` takes from SOURCE
+
+
+def with_init(spec: RunSpec, source: RunSpec, init: str, sets: list[str] | None = None) -> RunSpec:
+    """``spec`` with the model and diffusion sections of ``source`` (a `--init` source's spec) and
+    train.init = ``init``. A model or diffusion field that ``sets`` (`--set`) gives another value than
+    the source's is refused, naming both values (the network and the schedule are the source's)."""
+    explicit = apply_sets({}, sets or [])
+    for section in NETWORK_SECTIONS:
+        got = getattr(source, section)
+        for field, value in explicit.get(section, {}).items():
+            try:
+                same = getattr(type(got).model_validate({**got.model_dump(), field: value}), field) == getattr(got, field)
+            except ValidationError:
+                same = False
+            if not same:
+                raise UsageError(f"--set {section}.{field}={_short(json.dumps(value))} does not fit --init {init}: its "
+                                 f"{section}.{field} is {_short(json.dumps(got.model_dump(mode='json').get(field)))} "
+                                 "(the network and the schedule come from the --init source; the data is converted "
+                                 "to its image size and channels)")
+    data = dump(spec)
+    data["model"], data["diffusion"] = dump(source)["model"], dump(source)["diffusion"]
+    data["train"]["init"] = init
+    return validate(data)
+
+
+def without_network_sets(sets: list[str]) -> list[str]:
+    """The `--set`s of other sections than model and diffusion (with `--init`, :func:`with_init` checks those)."""
+    return [s for s in sets if s.partition("=")[0].strip().split(".")[0] not in NETWORK_SECTIONS]
 
 
 def dump(spec: RunSpec) -> dict:
