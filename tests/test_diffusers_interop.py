@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import randomise, run_cli, run_main
-from test_hub import hub  # noqa: F401  (the stubbed HfApi fixture)
+from test_hub import _cache_snapshot, hub  # noqa: F401  (hub: the stubbed HfApi fixture)
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusers interop tests need the test extra (diffusers)")
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel  # noqa: E402
@@ -186,6 +186,18 @@ def test_hf_source_resolves_a_diffusers_repo_through_snapshot_download(tmp_path,
     assert calls[0][0] == "google/ddpm-cifar10-32" and "*.safetensors" in calls[0][1]["allow_patterns"]
     assert den.source == "hf:google/ddpm-cifar10-32"
     assert_same_outputs(net, den)
+
+
+def test_sample_a_diffusers_repo_offline_from_the_hf_cache(tmp_path):
+    """HF_HUB_OFFLINE=1 (conftest): huggingface_hub's own cache serves the repo, subfolders and all."""
+    folder = pipeline_folder(tmp_path, random_unet(small(GOOGLE["ddpm-cifar10-32"])),
+                             scheduler(num_train_timesteps=10, beta_end=0.2))
+    files = {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    _cache_snapshot(tmp_path / "hf-home", "google/ddpm-tiny", files)
+    r = run_cli("sample", "hf:google/ddpm-tiny", "--n", "2", "--out", "s")  # the scheduler's DDPM, all 10 steps
+    assert r.returncode == 0, r.stderr
+    assert json.loads(Path("s/samples.json").read_text())["source"] == "hf:google/ddpm-tiny"
+    assert json.loads(Path("s/samples.json").read_text())["sampler"] == "ddpm"
 
 
 def test_flat_layout_of_the_google_repos_loads(tmp_path):
