@@ -19,7 +19,7 @@ from ddpmctl.units import human_bytes
                     "  ddpmctl hub-push runs/shapes-20261126-101500 --format diffusers --repo-id me/shapes-diffusers\n\n"
                     "  ddpmctl sample hf:me/shapes-ddpm --n 16 --out samples/")
 def hub_push(
-    source: Annotated[Optional[Path], typer.Argument(help="Run directory (exported first) or model folder "
+    source: Annotated[Optional[Path], typer.Argument(help="Run directory (exported first), model folder or diffusers folder "
                                                           "(default: the newest run under ./runs).")] = None,
     repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="OWNER/NAME (default: the run's name in "
                                                                      "the token owner's namespace).")] = None,
