@@ -11,8 +11,9 @@ A model folder describes itself; nothing else is needed to sample from it:
     model.onnx          (optional) the denoiser (x_t, t) -> prediction (:mod:`ddpmctl.onnxexport`)
 
 `ddpmctl export` (:mod:`ddpmctl.export`) writes them. This module reads config.json, checks the
-weights against the network it describes, and turns a run directory, a model folder or
-hf:OWNER/NAME[@REV] (downloaded through :mod:`ddpmctl.hub`) into a :class:`Denoiser`. Nothing
+weights against the network it describes, and turns a run directory, a model folder, a diffusers
+folder (mapped onto ddpmctl's network by :mod:`ddpmctl.diffusersfmt`) or hf:OWNER/NAME[@REV]
+(downloaded through :mod:`ddpmctl.hub`) into a :class:`Denoiser`. Nothing
 here unpickles: pickled weights (*.bin, *.pt, *.pth, *.ckpt) are refused.
 """
 
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from ddpmctl import __version__
 from ddpmctl import checkpoint as ck
 from ddpmctl import hub, rundir
+from ddpmctl.diffusersfmt import is_diffusers_folder
 from ddpmctl import spec as specmod
 from ddpmctl.errors import SpecError, UsageError
 from ddpmctl.smallfiles import read_object
@@ -196,8 +198,6 @@ def load_diffusers_folder(folder: Path, *, device: torch.device | str = "cpu", s
 
 def _load_folder(folder: Path, **kw) -> Denoiser:
     """A ddpmctl model folder or a diffusers folder, whichever it is."""
-    from ddpmctl.diffusersfmt import is_diffusers_folder
-
     if is_diffusers_folder(folder) and not (Path(folder) / MODEL_FILE).exists():
         return load_diffusers_folder(folder, **kw)
     return load_model_folder(folder, **kw)
@@ -218,7 +218,7 @@ def load_source(source: str | Path | None, *, use_ema: bool = True, device: torc
                             on_warning=on_warning)
     path = Path(source)
     if path.is_dir() and not rundir.spec_path(path).exists() and (
-            (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists() or (path / "model_index.json").exists()
+            (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists() or is_diffusers_folder(path)
             or any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir())):
         return _load_folder(path, device=device, use_ema=use_ema, on_warning=on_warning)
     return load_run(path, use_ema=use_ema, device=device, on_warning=on_warning)
@@ -233,7 +233,7 @@ def resolve_source(source: Path | None) -> tuple[Path, str]:
         raise UsageError(f"{path} does not exist (expected a run directory or a model folder)")
     if path.is_dir() and rundir.spec_path(path).is_file():
         return path, "run"
-    if path.is_dir() and ((path / CONFIG_FILE).is_file() or (path / "model_index.json").is_file()):
+    if path.is_dir() and ((path / CONFIG_FILE).is_file() or is_diffusers_folder(path)):
         return path, "folder"  # a ddpmctl model folder or a diffusers folder
     if path.is_dir() and any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir()):
         load_model_folder(path)  # raises the pickle message
