@@ -348,6 +348,23 @@ def test_train_init_starts_from_the_sources_weights(tmp_path, monkeypatch, capsy
     assert first_loss(tmp_path / "c") < 1.5 and first_loss(tmp_path / "b") > 0.3 * expected > 3
 
 
+def test_resume_of_an_init_run_is_bitwise_like_an_uninterrupted_one(tmp_path, monkeypatch, capsys, one_thread):
+    from ddpmctl.checkpoint import find_newest
+
+    source = pipeline_folder(tmp_path, random_unet(small(GOOGLE["ddpm-cifar10-32"])), scheduler())
+    args = [*INIT_ARGS, "--init", str(source)]
+    assert run_main(monkeypatch, capsys, *args, "--out", str(tmp_path / "a"))[0] == 0  # step 1, then resume
+    code, _, err = run_main(monkeypatch, capsys, "resume", str(tmp_path / "a"), "--max-steps", "2")
+    assert code == 0, err
+    args[args.index("--max-steps") + 1] = "2"
+    assert run_main(monkeypatch, capsys, *args, "--out", str(tmp_path / "b"))[0] == 0  # two steps at once
+    a, b = find_newest(tmp_path / "a"), find_newest(tmp_path / "b")
+    assert a.step == b.step == 2
+    for kind in ("model", "ema"):
+        ta, tb = a.tensors(kind), b.tensors(kind)
+        assert all(torch.equal(ta[k], tb[k]) for k in tb)
+
+
 def test_train_init_refuses_a_network_field_that_differs_naming_both_values(tmp_path, monkeypatch, capsys):
     source = pipeline_folder(tmp_path, random_unet(small(GOOGLE["ddpm-cifar10-32"])), scheduler())
     code, _, err = run_main(monkeypatch, capsys, *INIT_ARGS, "--init", str(source), "--set", "model.image_size=64",
