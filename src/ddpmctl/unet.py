@@ -4,6 +4,11 @@ Ho et al. 2020's architecture (PixelCNN++-style residual blocks, self-attention 
 resolutions, encoder-decoder skips) with the residual blocks' second GroupNorm modulated by the
 timestep embedding (adaptive GroupNorm, "FiLM": (1 + scale) * norm(h) + shift; Dhariwal &
 Nichol 2021). The network knows nothing of the schedule or of what it predicts (eps or v).
+
+Spec options with today's network as default express Ho et al.'s original one and diffusers'
+UNet2DModel exactly (:mod:`ddpmctl.diffusersfmt`, docs/diffusers.md): ``time_injection = "add"``
+(h + Linear(emb) before an affine norm2), ``time_mlp_dim``, ``sinusoid_order``, ``freq_shift``,
+``norm_eps`` and ``downsample_padding = "asymmetric"``.
 """
 
 from __future__ import annotations
