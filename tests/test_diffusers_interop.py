@@ -256,7 +256,7 @@ def test_export_format_diffusers_loads_in_diffusers_and_agrees(diffusers_run, tm
                                  "scheduler/scheduler_config.json", "README.md", "samples.png"}
     card = (out / "README.md").read_text()
     assert "library_name: diffusers" in card and "pipeline_tag: unconditional-image-generation" in card
-    assert "linspace" in card  # the note on diffusers' timestep spacing
+    assert "trailing" in card and "linspace" in card  # the note on diffusers' timestep spacing
 
     net = UNet2DModel.from_pretrained(out / "unet").eval()
     assert net.config.resnet_time_scale_shift == "scale_shift"

@@ -161,17 +161,19 @@ def _diffusers_use(d: dict, source: str) -> list[str]:
         "",
         f"pipe = DDPMPipeline.from_pretrained({source.removeprefix('hf:')!r})",
         f"images = pipe(batch_size=4, num_inference_steps={d['timesteps']}).images  # DDPM: all T steps",
-        "# DDIM with ddpmctl's timesteps (first step at t = T - 1):",
-        'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="linspace")',
+        "# DDIM from t = T - 1, as ddpmctl's DDIM starts:",
+        'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")',
         "images = pipe(batch_size=4, num_inference_steps=50).images",
         "```",
         "",
         f"DDPM over all T = {d['timesteps']} steps is the same process in both (same betas, "
         f"{'ε' if d['prediction'] == 'eps' else 'v'}-prediction, x0 clipped to [-1, 1], σ² = β̃). With fewer "
         "steps the timesteps differ: diffusers' default spacing (\"leading\") visits t = T - T/steps, ..., 0 and "
-        "never t = T - 1, while ddpmctl's DDIM visits round((T - 1)(1 - i/(steps - 1))), as diffusers' "
-        "\"linspace\" spacing does; its DPM-Solver++ spaces steps evenly in log-SNR. `ddpmctl sample` follows "
-        "ddpmctl's.",
+        "never t = T - 1; \"trailing\" visits T - 1, T - 1 - T/steps, ..., T/steps - 1; ddpmctl's DDIM visits "
+        "round((T - 1)(1 - i/(steps - 1))), from T - 1 down to 0 (diffusers' \"linspace\" evaluates the network "
+        "there but its DDIM update steps to t - T/steps, not to the next of them), and its DPM-Solver++ spaces "
+        "steps evenly in log-SNR. So a few-step diffusers DDIM is close to ddpmctl's, not equal; `ddpmctl "
+        "sample` follows ddpmctl's.",
         "",
     ]
 
