@@ -7,6 +7,7 @@ shapes and parameter counts on the meta device); every parameter is random, zero
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -372,3 +373,24 @@ def test_train_init_refuses_a_network_field_that_differs_naming_both_values(tmp_
     assert code == 2
     assert "model.image_size=64" in err and "is 32" in err
     assert not (tmp_path / "b").exists()
+
+
+def test_export_converts_a_diffusers_folder_to_a_ddpmctl_model_folder(tmp_path, monkeypatch, capsys):
+    from ddpmctl.modelfolder import load_model_folder
+
+    net = random_unet(small(GOOGLE["ddpm-cifar10-32"]))
+    folder = pipeline_folder(tmp_path, net, scheduler(num_train_timesteps=20, beta_end=0.2))
+    onnx = "onnx" if all(importlib.util.find_spec(m) for m in ("onnx", "onnxruntime", "onnxscript")) else None
+    code, out, err = run_main(monkeypatch, capsys, "export", str(folder), "--out", str(tmp_path / "conv"), "--json",
+                              *(["--format", "onnx"] if onnx else []))
+    assert code == 0, err
+    den = load_model_folder(tmp_path / "conv")
+    assert_same_outputs(net, den)
+    assert den.spec.sample.sampler == "ddim" and den.spec.model.time_injection == "add"
+    card = (tmp_path / "conv" / "README.md").read_text()
+    assert "library_name: ddpmctl" in card and f"converted from the diffusers folder `{folder}`" in card
+    if onnx:
+        assert json.loads(out)["onnx_max_abs_diff"] < 1e-4
+    # a diffusers source is converted only into a ddpmctl folder, and needs --out
+    assert run_main(monkeypatch, capsys, "export", str(folder), "--format", "diffusers", "--out", "x")[0] == 2
+    assert run_main(monkeypatch, capsys, "export", str(folder))[0] == 2

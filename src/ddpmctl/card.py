@@ -65,7 +65,9 @@ def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "
         tags=tags + ["diffusers", "diffusers:DDPMPipeline"] if diffusers else tags,
         datasets=tr.get("hub_datasets") or None,
     )
-    title = f"{tr.get('run') or 'ddpmctl model'}"
+    conv = tr.get("converted_from")  # a diffusers folder exported in ddpmctl's format
+    kind_label = {"ema": "EMA", "model": "raw (non-EMA)"}.get(w["kind"], "the source's")
+    title = f"{tr.get('run') or (conv.removeprefix('hf:') if conv else 'ddpmctl model')}"
     size, ch = m["image_size"], m["channels"]
     mult = ", ".join(str(x) for x in m["channel_mult"])
     attn = ", ".join(f"{r}×{r}" for r in m["attention_resolutions"]) or "none"
@@ -74,8 +76,10 @@ def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "
         f"# {title}",
         "",
         f"An unconditional {size}×{size} {'RGB' if ch == 3 else 'grayscale'} image model: a denoising diffusion "
-        f"probabilistic model (Ho et al. 2020) trained with ddpmctl {config['ddpmctl_version']}, a command-line "
-        "tool that is installed from its source repository (it is not on PyPI yet).",
+        f"probabilistic model (Ho et al. 2020) "
+        + (f"converted from the diffusers folder `{conv}` by ddpmctl {config['ddpmctl_version']}" if conv else
+           f"trained with ddpmctl {config['ddpmctl_version']}")
+        + ", a command-line tool that is installed from its source repository (it is not on PyPI yet).",
         "",
         f"![{g['n']} samples]({g['file']})",
         "",
@@ -97,21 +101,27 @@ def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "
            ""]),
         "## Training",
         "",
-        "| | |",
-        "|---|---|",
-        f"| dataset | {tr.get('dataset')} |",
-        f"| augmentation | {'random horizontal flips' if tr.get('flip') else 'none'} |",
-        f"| epochs | {_fmt(tr.get('epochs'))} |",
-        f"| optimizer steps | {_fmt(tr.get('steps'))} |",
-        f"| images seen | {_fmt(tr.get('images_seen'))} |",
-        f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE) |",
-        f"| batch size | {_fmt(tr.get('batch_size'))} |",
-        f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after "
-        f"{_fmt(tr.get('warmup_steps'))} warm-up steps, "
-        f"weight decay {_fmt(tr.get('weight_decay'))}, gradient clip {_fmt(tr.get('grad_clip'))} |",
-        f"| EMA decay | {_fmt(tr.get('ema_decay'))} |",
-        f"| preset | {config.get('preset')} |",
     ]
+    if conv:
+        lines.append(f"See `{conv}`: this folder holds its weights ({w['dtype']}), mapped onto ddpmctl's network "
+                     "exactly (docs/diffusers.md in the ddpmctl repository).")
+    else:
+        lines += [
+            "| | |",
+            "|---|---|",
+            f"| dataset | {tr.get('dataset')} |",
+            f"| augmentation | {'random horizontal flips' if tr.get('flip') else 'none'} |",
+            f"| epochs | {_fmt(tr.get('epochs'))} |",
+            f"| optimizer steps | {_fmt(tr.get('steps'))} |",
+            f"| images seen | {_fmt(tr.get('images_seen'))} |",
+            f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE) |",
+            f"| batch size | {_fmt(tr.get('batch_size'))} |",
+            f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after "
+            f"{_fmt(tr.get('warmup_steps'))} warm-up steps, "
+            f"weight decay {_fmt(tr.get('weight_decay'))}, gradient clip {_fmt(tr.get('grad_clip'))} |",
+            f"| EMA decay | {_fmt(tr.get('ema_decay'))} |",
+            f"| preset | {config.get('preset')} |",
+        ]
     if tr.get("skipped_steps"):
         lines.append(f"| non-finite steps skipped | {tr['skipped_steps']} |")
     evals = config.get("evaluation") or []
@@ -132,7 +142,7 @@ def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "
         f"block(s) per level, attention at {attn}, {_fmt(w.get('parameters'))} parameters |",
         f"| diffusion | T = {d['timesteps']}, {d['schedule']} schedule, the network predicts "
         f"{'ε (the noise)' if d['prediction'] == 'eps' else 'v'} |",
-        f"| weights | `{w['file']}`: {'EMA' if w['kind'] == 'ema' else 'raw (non-EMA)'} weights in {w['dtype']}, "
+        f"| weights | `{w['file']}`: {kind_label} weights in {w['dtype']}, "
         f"from checkpoint {tr.get('checkpoint')} (safetensors: no pickle) |",
         (f"| config | `unet/config.json` (UNet2DModel) and `scheduler/scheduler_config.json` (DDPMScheduler), "
          f"written by ddpmctl {config['ddpmctl_version']} |" if diffusers else

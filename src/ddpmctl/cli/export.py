@@ -18,9 +18,11 @@ Format = Literal["safetensors", "onnx", "diffusers"]
                     "  ddpmctl export runs/shapes-20261126-101500 --out shapes-ddpm/ --dtype fp16\n\n"
                     "  ddpmctl export runs/shapes-20261126-101500 --format onnx --json\n\n"
                     "  ddpmctl export runs/shapes-20261126-101500 --format diffusers --out shapes-diffusers/\n\n"
+                    "  ddpmctl export hf:google/ddpm-cifar10-32 --out ddpm-cifar10/ --format onnx\n\n"
                     "  ddpmctl sample shapes-ddpm/ --n 16 --out samples/")
 def export(
-    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory (default: the newest under ./runs).")]
+    run_dir: Annotated[Optional[Path], typer.Argument(help="Run directory (default: the newest under ./runs), or a "
+                                                          "diffusers folder / hf:OWNER/NAME to convert (needs --out).")]
     = None,
     out: Annotated[Optional[Path], typer.Option(help="Model folder to write (default: RUN_DIR/export).")] = None,
     dtype: Annotated[Dtype, typer.Option(help="Weight dtype in model.safetensors.")] = "fp32",
@@ -49,6 +51,10 @@ def export(
     from ddpmctl.export import export_diffusers_folder, export_model_folder
     from ddpmctl.outdir import check_out_dir
 
+    if run_dir is not None and _is_diffusers_source(str(run_dir)):
+        _export_converted(str(run_dir), out, dtype, format, license, command_device(device), overwrite, quiet,
+                          as_json, no_ema)
+        return
     if run_dir is None:
         run_dir = ck.newest_run()
         info(f"using the newest run: {run_dir}")
@@ -67,6 +73,10 @@ def export(
         else:
             res = export_model_folder(Path(run_dir), out, dtype=dtype, use_ema=not no_ema, license=license,
                                       onnx=format == "onnx", device=dev, overwrite=overwrite, on_warning=info)
+    _report(res, as_json)
+
+
+def _report(res, as_json: bool) -> None:
     if res.onnx_max_abs_diff is not None:
         info(f"model.onnx matches PyTorch within {res.onnx_max_abs_diff:.2g} (onnxruntime)")
     info(", ".join(f"{k} ({human_bytes(v)})" for k, v in res.files.items()))
@@ -74,3 +84,33 @@ def export(
         print_json(res.to_dict())
     else:
         print(res.out)
+
+
+def _is_diffusers_source(source: str) -> bool:
+    from ddpmctl.diffusersfmt import is_diffusers_folder
+    from ddpmctl.hub import HF_PREFIX
+    from ddpmctl.rundir import spec_path
+
+    path = Path(source)
+    return source.startswith(HF_PREFIX) or (path.is_dir() and not spec_path(path).exists()
+                                            and is_diffusers_folder(path))
+
+
+def _export_converted(source: str, out: Optional[Path], dtype: str, format: str, license: str, dev, overwrite: bool,
+                      quiet: bool, as_json: bool, no_ema: bool) -> None:
+    """A diffusers folder or hf: repo -> a ddpmctl model folder (optionally with model.onnx)."""
+    from ddpmctl.cli.progress import ProgressView
+    from ddpmctl.errors import UsageError
+    from ddpmctl.export import export_converted_folder
+
+    if out is None:
+        raise UsageError(f"exporting {source} needs --out FOLDER (the model folder to write)")
+    if format == "diffusers":
+        raise UsageError(f"{source} is a diffusers source already; --format diffusers exports run directories")
+    if no_ema:
+        info(f"{source} holds one set of weights; --no-ema has no effect")
+    info(f"converting {source} to a ddpmctl model folder {out} ({dtype}); drawing samples.png")
+    with ProgressView(quiet) as view, view.phase("export"):
+        res = export_converted_folder(source, out, dtype=dtype, license=license, onnx=format == "onnx", device=dev,
+                                      overwrite=overwrite, on_warning=info)
+    _report(res, as_json)
