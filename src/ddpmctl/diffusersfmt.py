@@ -41,7 +41,7 @@ UNET_CONFIG = "config.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 UNET_PICKLE = "diffusion_pytorch_model.bin"
 SCHEDULER_CONFIG = "scheduler_config.json"
-DIFFUSERS_VERSION = "0.30.0"  # the oldest diffusers the written folders are checked with (the test extra)
+DIFFUSERS_VERSION = "0.30.0"  # written into the configs: the test extra's floor (the tests ran with 0.42.1)
 CONVERT_HINT = ("convert it once with diffusers: `UNet2DModel.from_pretrained(FOLDER, subfolder=\"unet\")"
                 ".save_pretrained(FOLDER + \"/unet\", safe_serialization=True)` (or "
                 "`DDPMPipeline.from_pretrained(FOLDER).save_pretrained(OUT, safe_serialization=True)`)")
