@@ -223,10 +223,11 @@ def test_foreign_config_is_refused(tmp_path):
 
 def test_out_dir_guard_knows_the_model_folder_files():
     """outdir spells the model-folder markers out (it must not load torch); they must stay the format's."""
+    from ddpmctl.diffusersfmt import INDEX_FILE
     from ddpmctl.modelfolder import CONFIG_FILE, MODEL_FILE
     from ddpmctl.outdir import MODEL_MARKERS
 
-    assert set(MODEL_MARKERS) == {CONFIG_FILE, MODEL_FILE}
+    assert set(MODEL_MARKERS) == {CONFIG_FILE, MODEL_FILE, INDEX_FILE}  # INDEX_FILE: a diffusers folder
 
 
 # ---------------------------------------------------------------- ONNX

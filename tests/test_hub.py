@@ -284,7 +284,8 @@ def _cache_snapshot(hf_home: Path, repo_id: str, files: dict[str, bytes]) -> Non
     (repo / "refs" / "main").write_text(commit)
     snap = repo / "snapshots" / commit
     snap.mkdir(parents=True)
-    for name, data in files.items():
+    for name, data in files.items():  # names may hold folders (a diffusers repo's unet/, scheduler/)
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
         (snap / name).write_bytes(data)
 
 

@@ -91,7 +91,7 @@ def model_flops_per_image(spec: RunSpec) -> dict[str, int]:
         x = torch.empty(n, m.channels, m.image_size, m.image_size)
         t = torch.zeros(n, dtype=torch.long)
         noise = torch.empty_like(x)
-    schedule = Schedule.create(spec.diffusion.schedule, spec.diffusion.timesteps).to("meta")
+    schedule = Schedule.create(spec.diffusion.schedule, spec.diffusion.timesteps, spec.diffusion.beta_range).to("meta")
 
     def train() -> None:
         training_loss(net, schedule, x, t, noise, spec.diffusion.prediction).mean().backward()

@@ -49,21 +49,26 @@ def _eval_rows(rec: dict) -> list[dict]:
     return rows
 
 
-def render_card(config: dict, source: str, *, license: str = "mit") -> str:
-    """The README.md of a model folder: YAML front matter (huggingface_hub.ModelCardData) + body."""
+def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "ddpmctl") -> str:
+    """The README.md of a model folder: YAML front matter (huggingface_hub.ModelCardData) + body.
+    ``fmt``: "ddpmctl" (a ddpmctl model folder) or "diffusers" (a DDPMPipeline folder)."""
     from huggingface_hub import ModelCard, ModelCardData
 
     tr, m, d, g = config["training"], config["model"], config["diffusion"], config["grid"]
     w = config["weights"]
+    diffusers = fmt == "diffusers"
+    tags = ["ddpmctl", "diffusion", "ddpm", "unconditional-image-generation", "pytorch", "safetensors"]
     data = ModelCardData(
-        library_name="ddpmctl",
+        library_name="diffusers" if diffusers else "ddpmctl",
         pipeline_tag="unconditional-image-generation",
         license=license,
-        tags=["ddpmctl", "diffusion", "ddpm", "unconditional-image-generation", "pytorch", "safetensors"]
+        tags=(tags + ["diffusers", "diffusers:DDPMPipeline"] if diffusers else tags)
         + (["class-conditional", "classifier-free-guidance"] if m.get("conditional") else []),
         datasets=tr.get("hub_datasets") or None,
     )
-    title = f"{tr.get('run') or 'ddpmctl model'}"
+    conv = tr.get("converted_from")  # a diffusers folder exported in ddpmctl's format
+    kind_label = {"ema": "EMA", "model": "raw (non-EMA)"}.get(w["kind"], "the source's")
+    title = f"{tr.get('run') or (conv.removeprefix('hf:') if conv else 'ddpmctl model')}"
     size, ch = m["image_size"], m["channels"]
     mult = ", ".join(str(x) for x in m["channel_mult"])
     attn = ", ".join(f"{r}×{r}" for r in m["attention_resolutions"]) or "none"
@@ -75,8 +80,10 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"# {title}",
         "",
         f"{kind} {'RGB' if ch == 3 else 'grayscale'} image model: a denoising diffusion "
-        f"probabilistic model (Ho et al. 2020) trained with ddpmctl {config['ddpmctl_version']}, a command-line "
-        "tool that is installed from its source repository (it is not on PyPI yet).",
+        f"probabilistic model (Ho et al. 2020) "
+        + (f"converted from the diffusers folder `{conv}` by ddpmctl {config['ddpmctl_version']}" if conv else
+           f"trained with ddpmctl {config['ddpmctl_version']}")
+        + ", a command-line tool that is installed from its source repository (it is not on PyPI yet).",
         "",
         f"![{g['n']} samples]({g['file']})",
         "",
@@ -97,23 +104,33 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"*i*, whatever the batch size), drawn in float32 with the `{g['sampler']}` sampler and laid out "
         f"{g['nrow']} per row. More images: raise `--n`; other samplers: `--sampler {'|'.join(SAMPLERS)}`.",
         "",
+        *(_diffusers_use(d, source) if diffusers else
+          ["This folder is in ddpmctl's format; `ddpmctl export RUN --format diffusers` writes the same weights "
+           "as a diffusers `DDPMPipeline` folder (docs/hub.md says which networks have a diffusers equivalent).",
+           ""]),
         "## Training",
         "",
-        "| | |",
-        "|---|---|",
-        f"| dataset | {tr.get('dataset')} |",
-        f"| augmentation | {'random horizontal flips' if tr.get('flip') else 'none'} |",
-        f"| epochs | {_fmt(tr.get('epochs'))} |",
-        f"| optimizer steps | {_fmt(tr.get('steps'))} |",
-        f"| images seen | {_fmt(tr.get('images_seen'))} |",
-        f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE) |",
-        f"| batch size | {_fmt(tr.get('batch_size'))} |",
-        f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after "
-        f"{_fmt(tr.get('warmup_steps'))} warm-up steps, "
-        f"weight decay {_fmt(tr.get('weight_decay'))}, gradient clip {_fmt(tr.get('grad_clip'))} |",
-        f"| EMA decay | {_fmt(tr.get('ema_decay'))} |",
-        f"| preset | {config.get('preset')} |",
     ]
+    if conv:
+        lines.append(f"See `{conv}`: this folder holds its weights ({w['dtype']}), mapped onto ddpmctl's network "
+                     "exactly (docs/diffusers.md in the ddpmctl repository).")
+    else:
+        lines += [
+            "| | |",
+            "|---|---|",
+            f"| dataset | {tr.get('dataset')} |",
+            f"| augmentation | {'random horizontal flips' if tr.get('flip') else 'none'} |",
+            f"| epochs | {_fmt(tr.get('epochs'))} |",
+            f"| optimizer steps | {_fmt(tr.get('steps'))} |",
+            f"| images seen | {_fmt(tr.get('images_seen'))} |",
+            f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE) |",
+            f"| batch size | {_fmt(tr.get('batch_size'))} |",
+            f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after "
+            f"{_fmt(tr.get('warmup_steps'))} warm-up steps, "
+            f"weight decay {_fmt(tr.get('weight_decay'))}, gradient clip {_fmt(tr.get('grad_clip'))} |",
+            f"| EMA decay | {_fmt(tr.get('ema_decay'))} |",
+            f"| preset | {config.get('preset')} |",
+        ]
     if tr.get("skipped_steps"):
         lines.append(f"| non-finite steps skipped | {tr['skipped_steps']} |")
     evals = config.get("evaluation") or []
@@ -134,9 +151,11 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
         f"block(s) per level, attention at {attn}, {_fmt(w.get('parameters'))} parameters |",
         f"| diffusion | T = {d['timesteps']}, {d['schedule']} schedule, the network predicts "
         f"{'ε (the noise)' if d['prediction'] == 'eps' else 'v'} |",
-        f"| weights | `{w['file']}`: {'EMA' if w['kind'] == 'ema' else 'raw (non-EMA)'} weights in {w['dtype']}, "
+        f"| weights | `{w['file']}`: {kind_label} weights in {w['dtype']}, "
         f"from checkpoint {tr.get('checkpoint')} (safetensors: no pickle) |",
-        f"| config | `config.json`: the model, diffusion and sample settings (ddpmctl {config['ddpmctl_version']}) |",
+        (f"| config | `unet/config.json` (UNet2DModel) and `scheduler/scheduler_config.json` (DDPMScheduler), "
+         f"written by ddpmctl {config['ddpmctl_version']} |" if diffusers else
+         f"| config | `config.json`: the model, diffusion and sample settings (ddpmctl {config['ddpmctl_version']}) |"),
     ]
     if config.get("onnx"):
         o = config["onnx"]
@@ -146,6 +165,36 @@ def render_card(config: dict, source: str, *, license: str = "mit") -> str:
     body = "\n".join(lines) + "\n"
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
     return str(card)
+
+
+def _diffusers_use(d: dict, source: str) -> list[str]:
+    """The card's diffusers section: loading the folder with diffusers, and where its samplers differ."""
+    return [
+        "### With diffusers",
+        "",
+        "This is a diffusers `DDPMPipeline` folder (`model_index.json`, `unet/`, `scheduler/`); ddpmctl reads it "
+        "too (the ddpmctl format, `ddpmctl export RUN`, is the other one ddpmctl writes).",
+        "",
+        "```python",
+        "from diffusers import DDIMScheduler, DDPMPipeline",
+        "",
+        f"pipe = DDPMPipeline.from_pretrained({source.removeprefix('hf:')!r})",
+        f"images = pipe(batch_size=4, num_inference_steps={d['timesteps']}).images  # DDPM: all T steps",
+        "# DDIM from t = T - 1, as ddpmctl's DDIM starts:",
+        'pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config, timestep_spacing="trailing")',
+        "images = pipe(batch_size=4, num_inference_steps=50).images",
+        "```",
+        "",
+        f"DDPM over all T = {d['timesteps']} steps is the same process in both (same betas, "
+        f"{'ε' if d['prediction'] == 'eps' else 'v'}-prediction, x0 clipped to [-1, 1], σ² = β̃). With fewer "
+        "steps the timesteps differ: diffusers' default spacing (\"leading\") visits t = T - T/steps, ..., 0 and "
+        "never t = T - 1; \"trailing\" visits T - 1, T - 1 - T/steps, ..., T/steps - 1; ddpmctl's DDIM visits "
+        "round((T - 1)(1 - i/(steps - 1))), from T - 1 down to 0 (diffusers' \"linspace\" evaluates the network "
+        "there but its DDIM update steps to t - T/steps, not to the next of them), and its DPM-Solver++ spaces "
+        "steps evenly in log-SNR. So a few-step diffusers DDIM is close to ddpmctl's, not equal; `ddpmctl "
+        "sample` follows ddpmctl's.",
+        "",
+    ]
 
 
 def sample_command(source: str, grid: dict) -> str:

@@ -64,7 +64,8 @@ _MAX_BETA = 0.999  # Nichol & Dhariwal 2021: clip betas to avoid a singularity a
 # ---------------------------------------------------------------------------------------------
 
 
-def make_betas(kind: Literal["linear", "cosine"], timesteps: int = 1000) -> Tensor:
+def make_betas(kind: Literal["linear", "cosine"], timesteps: int = 1000,
+               beta_range: tuple[float, float] | None = None) -> Tensor:
     """Beta schedule as a float64 CPU tensor of shape (timesteps,).
 
     linear (Ho et al. 2020, sec. 4): betas evenly spaced from 1e-4 to 0.02 for T = 1000; for other T
@@ -74,13 +75,18 @@ def make_betas(kind: Literal["linear", "cosine"], timesteps: int = 1000) -> Tens
     cosine (Nichol & Dhariwal 2021, eq. 17): abar(t) = f(t) / f(0), f(t) = cos^2(((t/T + s) / (1 + s)) * pi/2),
     s = 0.008, and beta_t = min(1 - abar(t+1) / abar(t), 0.999) (zero-based t, so abar_t of the
     code equals f((t+1)/T) / f(0) wherever the clip is inactive).
+
+    ``beta_range`` (linear only): (beta_1, beta_T) exactly as given, unscaled (diffusers' beta_start and
+    beta_end; for T = 1000 and (1e-4, 0.02) the same betas as the default).
     """
     if isinstance(timesteps, bool) or not isinstance(timesteps, int) or timesteps < 2:
         raise ValueError(f"timesteps must be an integer >= 2, got {timesteps!r}")
     T = timesteps
+    if beta_range is not None and kind != "linear":
+        raise ValueError(f"beta_range applies to the linear schedule only, not {kind!r}")
     if kind == "linear":
         scale = 1000.0 / T
-        beta_start, beta_end = scale * 1e-4, scale * 0.02
+        beta_start, beta_end = beta_range if beta_range is not None else (scale * 1e-4, scale * 0.02)
         if beta_end >= 1.0:
             raise ValueError(
                 f"the linear schedule needs timesteps > 20 (beta_T = {beta_end:g} >= 1 for T = {T}); "
@@ -165,9 +171,10 @@ class Schedule:
         self._float64 = self
 
     @classmethod
-    def create(cls, kind: Literal["linear", "cosine"], timesteps: int = 1000) -> Schedule:
-        """``Schedule(make_betas(kind, timesteps))``."""
-        return cls(make_betas(kind, timesteps))
+    def create(cls, kind: Literal["linear", "cosine"], timesteps: int = 1000,
+               beta_range: tuple[float, float] | None = None) -> Schedule:
+        """``Schedule(make_betas(kind, timesteps, beta_range))``."""
+        return cls(make_betas(kind, timesteps, beta_range))
 
     @property
     def device(self) -> torch.device:

@@ -189,7 +189,7 @@ def setup_training(spec: RunSpec, device: torch.device, precision, emit: Event =
     """
     op = spec.optim
     model = build_model(spec, device)
-    schedule = Schedule.create(spec.diffusion.schedule, spec.diffusion.timesteps).to(device)
+    schedule = Schedule.create(spec.diffusion.schedule, spec.diffusion.timesteps, spec.diffusion.beta_range).to(device)
     opt_name = optimizer_for(0, spec)
     opt = make_optimizer(opt_name, model, spec, device)
     scaler = torch.amp.GradScaler(device.type) if precision.needs_scaler else None

@@ -687,8 +687,8 @@ def evaluate(source: str | Path | None, opts: EvalOptions, *, on_event: Event | 
         if opts.n is not None and opts.n > held_out.shape[0]:
             emit({"event": "warning", "message": f"--n {opts.n:,}: the {split} split holds {held_out.shape[0]:,} "
                                                  f"images, so bits/dim uses all {held_out.shape[0]:,}"})
-        res = bits_per_dim(model_fn_for(den.model, None, device), Schedule.create(spec.diffusion.schedule, T),
-                           held_out, prediction=spec.diffusion.prediction, device=device, stride=opts.stride,
+        schedule = Schedule.create(spec.diffusion.schedule, T, spec.diffusion.beta_range)
+        res = bits_per_dim(model_fn_for(den.model, None, device), schedule, held_out, prediction=spec.diffusion.prediction, device=device, stride=opts.stride,
                            batch_size=opts.batch_size, seed=opts.seed, on_event=on_event)
         results["bpd"] = {**res.to_dict(), "split": split}
 

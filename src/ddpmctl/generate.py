@@ -70,7 +70,7 @@ def generate(
     from ddpmctl.engine import auto_sample_batch_size, make_sample_fn
 
     s = den.spec
-    schedule = Schedule.create(s.diffusion.schedule, s.diffusion.timesteps).to(device)
+    schedule = Schedule.create(s.diffusion.schedule, s.diffusion.timesteps, s.diffusion.beta_range).to(device)
     shape = (s.model.channels, s.model.image_size, s.model.image_size)
     if batch_size is None:
         batch_size = auto_sample_batch_size(den.model, shape, device, len(seeds), precision)

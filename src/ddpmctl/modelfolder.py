@@ -11,8 +11,9 @@ A model folder describes itself; nothing else is needed to sample from it:
     model.onnx          (optional) the denoiser (x_t, t) -> prediction (:mod:`ddpmctl.onnxexport`)
 
 `ddpmctl export` (:mod:`ddpmctl.export`) writes them. This module reads config.json, checks the
-weights against the network it describes, and turns a run directory, a model folder or
-hf:OWNER/NAME[@REV] (downloaded through :mod:`ddpmctl.hub`) into a :class:`Denoiser`. Nothing
+weights against the network it describes, and turns a run directory, a model folder, a diffusers
+folder (mapped onto ddpmctl's network by :mod:`ddpmctl.diffusersfmt`) or hf:OWNER/NAME[@REV]
+(downloaded through :mod:`ddpmctl.hub`) into a :class:`Denoiser`. Nothing
 here unpickles: pickled weights (*.bin, *.pt, *.pth, *.ckpt) are refused.
 """
 
@@ -30,6 +31,7 @@ from safetensors.torch import load_file
 from ddpmctl import __version__
 from ddpmctl import checkpoint as ck
 from ddpmctl import hub, rundir
+from ddpmctl.diffusersfmt import is_diffusers_folder
 from ddpmctl import spec as specmod
 from ddpmctl.errors import SpecError, UsageError
 from ddpmctl.smallfiles import read_object
@@ -153,23 +155,72 @@ def load_model_folder(folder: Path, *, device: torch.device | str = "cpu", sourc
     return Denoiser(model, spec, where, config.get("training", {}).get("checkpoint"), kind)
 
 
+def load_diffusers_folder(folder: Path, *, device: torch.device | str = "cpu", source: str | None = None,
+                          use_ema: bool = True, on_warning: Warn | None = None) -> Denoiser:
+    """A diffusers folder (DDPMPipeline's model_index.json + unet/ + scheduler/, or a flat UNet2DModel
+    folder) -> Denoiser on ddpmctl's own network (:mod:`ddpmctl.diffusersfmt` maps the configs and weights)."""
+    from ddpmctl import diffusersfmt as dfm
+
+    folder = Path(folder)
+    where = source or str(folder)
+    unet_dir, sched_path = dfm.locate(folder, where)
+    weights = dfm.weights_file(unet_dir, where)
+    unet_cfg_where = f"{where}/{(unet_dir / dfm.UNET_CONFIG).relative_to(folder)}"
+    model = dfm.model_spec_from_unet_config(dfm.read_config(unet_dir / dfm.UNET_CONFIG, "UNet2DModel config"),
+                                            unet_cfg_where)
+    spec_data: dict = {"preset": "diffusers", "model": model}
+    if sched_path is None:
+        if on_warning:
+            on_warning(f"{where} has no scheduler config: assuming diffusers' DDPMScheduler defaults "
+                       "(linear betas 1e-4 to 0.02, T = 1000, epsilon)")
+        sched_cfg: dict = {}
+    else:
+        sched_cfg = dfm.read_config(sched_path, "scheduler config")
+    spec_data["diffusion"], spec_data["sample"] = dfm.diffusion_from_scheduler_config(
+        sched_cfg, f"{where}/{sched_path.relative_to(folder) if sched_path else dfm.SCHEDULER_CONFIG}", on_warning)
+    try:
+        spec = specmod.validate(spec_data)
+    except SpecError as exc:
+        raise SpecError(f"{where}: the diffusers config maps to an invalid ddpmctl spec: {exc}") from None
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file
+        raise UsageError(f"{where}/{weights.relative_to(folder)} is not a readable safetensors file ({exc})") from None
+    where_w = f"{where}/{weights.relative_to(folder)}"
+    tensors = _checked_weights(dfm.state_dict_from_diffusers(tensors, spec.model, where_w), spec, where_w)
+    if not use_ema and on_warning:
+        on_warning(f"{where} holds one set of weights (diffusers folders keep no separate EMA); --no-ema has no effect")
+    net = build(spec.model)
+    net.load_state_dict(tensors)
+    net.to(device).eval()
+    return Denoiser(net, spec, where, str(weights.relative_to(folder)), "diffusers")
+
+
+def _load_folder(folder: Path, **kw) -> Denoiser:
+    """A ddpmctl model folder or a diffusers folder, whichever it is."""
+    if is_diffusers_folder(folder) and not (Path(folder) / MODEL_FILE).exists():
+        return load_diffusers_folder(folder, **kw)
+    return load_model_folder(folder, **kw)
+
+
 def load_source(source: str | Path | None, *, use_ema: bool = True, device: torch.device | str = "cpu",
                 on_warning: Callable[[str], None] | None = None) -> Denoiser:
     """SOURCE: a run dir (default: the newest under ./runs), a model folder written by `ddpmctl export`
-    (config.json + model.safetensors), or hf:OWNER/NAME[@REV] on the Hugging Face Hub."""
+    (config.json + model.safetensors), a diffusers folder (model_index.json + unet/ + scheduler/), or
+    hf:OWNER/NAME[@REV] on the Hugging Face Hub (either kind of folder)."""
     if source is None:
         run = ck.newest_run()
         if on_warning:
             on_warning(f"using the newest run: {run}")
         return load_run(run, use_ema=use_ema, device=device, on_warning=on_warning)
     if isinstance(source, str) and source.startswith(hub.HF_PREFIX):
-        return load_model_folder(hub.download(source), device=device, source=source, use_ema=use_ema,
-                                 on_warning=on_warning)
+        return _load_folder(hub.download(source), device=device, source=source, use_ema=use_ema,
+                            on_warning=on_warning)
     path = Path(source)
     if path.is_dir() and not rundir.spec_path(path).exists() and (
-            (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists()
+            (path / CONFIG_FILE).exists() or (path / MODEL_FILE).exists() or is_diffusers_folder(path)
             or any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir())):
-        return load_model_folder(path, device=device, use_ema=use_ema, on_warning=on_warning)
+        return _load_folder(path, device=device, use_ema=use_ema, on_warning=on_warning)
     return load_run(path, use_ema=use_ema, device=device, on_warning=on_warning)
 
 
@@ -182,8 +233,8 @@ def resolve_source(source: Path | None) -> tuple[Path, str]:
         raise UsageError(f"{path} does not exist (expected a run directory or a model folder)")
     if path.is_dir() and rundir.spec_path(path).is_file():
         return path, "run"
-    if path.is_dir() and (path / CONFIG_FILE).is_file():
-        return path, "folder"
+    if path.is_dir() and ((path / CONFIG_FILE).is_file() or is_diffusers_folder(path)):
+        return path, "folder"  # a ddpmctl model folder or a diffusers folder
     if path.is_dir() and any(p.suffix.lower() in PICKLE_SUFFIXES for p in path.iterdir()):
         load_model_folder(path)  # raises the pickle message
     raise UsageError(f"{path} is neither a ddpmctl run directory (spec.json) nor a model folder (config.json + "

@@ -29,7 +29,7 @@ from ddpmctl.safefile import clear
 RUN_MARKER = "spec.json"  # a run directory (ddpmctl.rundir.spec_path, ddpmctl.checkpoint.check_run_dir)
 # ddpmctl.modelfolder.CONFIG_FILE, MODEL_FILE (spelled out: importing it would load torch into the data
 # commands, which use this module; tests/test_export.py checks they agree)
-MODEL_MARKERS = ("config.json", "model.safetensors")
+MODEL_MARKERS = ("config.json", "model.safetensors", "model_index.json")  # ddpmctl and diffusers folders
 RUN_PARTS = ("checkpoints", "samples")  # folders a run directory keeps its own files in
 
 
@@ -79,7 +79,8 @@ def check_out_dir(out: Path, overwrite: bool, *, reading: Iterable[Path | str] =
     for dirpath, _dirs, _files in os.walk(here):  # never follows symlinks
         d = Path(dirpath)
         kind = _kind(d)
-        if kind is not None and not (model_folder and d == here and kind == "a model folder"):
+        ours = d == here or (d.parent == here and (here / "model_index.json").is_file())  # a diffusers folder's unet/
+        if kind is not None and not (model_folder and ours and kind == "a model folder"):
             where = "it is" if d == here else f"it holds {d.relative_to(here)}/,"
             raise UsageError(f"{refuse} {where} {kind}, which --overwrite never replaces; give a new folder "
                              "for the output")

@@ -37,6 +37,22 @@ class ModelSpec(_Section):
     dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout in residual blocks.")
     time_embed_dim: int = Field(256, ge=16, le=4096, description="Sinusoidal timestep embedding size.")
     groups: int = Field(32, ge=1, le=128, description="GroupNorm groups.")
+    # Options that let the network express diffusers' UNet2DModel (and Ho et al.'s original network)
+    # exactly (:mod:`ddpmctl.diffusersfmt`); the defaults are ddpmctl's own network.
+    time_injection: Literal["scale_shift", "add"] = Field(
+        "scale_shift", description="How a residual block takes the time embedding: scale_shift = adaptive "
+        "GroupNorm (1 + scale) * norm(h) + shift (norm2 without affine); add = h + Linear(emb) before an affine "
+        "norm2 (Ho et al. 2020; diffusers' resnet_time_scale_shift \"default\").")
+    time_mlp_dim: Optional[int] = Field(None, ge=16, le=8192, description="Output size of the time MLP "
+                                        "(None: time_embed_dim; diffusers: 4 x base_channels).")
+    sinusoid_order: Literal["cos_sin", "sin_cos"] = Field(
+        "cos_sin", description="Halves of the timestep sinusoid (diffusers' flip_sin_to_cos true: cos_sin).")
+    freq_shift: float = Field(0.0, ge=0.0, le=1.0, description="Sinusoid frequencies exp(-log(10000) i / "
+                              "(half - freq_shift)) (diffusers' freq_shift; Ho et al.: 1).")
+    norm_eps: float = Field(1e-5, gt=0.0, le=1e-2, description="Epsilon of every GroupNorm.")
+    downsample_padding: Literal["symmetric", "asymmetric"] = Field(
+        "symmetric", description="Stride-2 convolution padding: symmetric = 1 pixel on every side; asymmetric = "
+        "one row and column at the bottom and right only (TensorFlow's SAME; diffusers' downsample_padding 0).")
     conditional: bool = Field(False, description="Class-conditional network (classifier-free guidance): a class "
                               "embedding joins the time embedding; needs labelled data.")
     classes: tuple[str, ...] = Field((), max_length=MAX_CLASSES, description="Class names, in label order (filled "
@@ -84,6 +100,20 @@ class DiffusionSpec(_Section):
     timesteps: int = Field(1000, ge=10, le=10000, description="Number of diffusion steps T.")
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Noise schedule.")
     prediction: Literal["eps", "v"] = Field("eps", description="What the network predicts.")
+    beta_range: Optional[tuple[float, float]] = Field(
+        None, description="linear schedule only: (beta_1, beta_T) as given (diffusers' beta_start, beta_end); "
+        "None: 1e-4 to 0.02 scaled by 1000 / T (Ho et al.; improved-diffusion).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "DiffusionSpec":
+        if self.beta_range is not None:
+            lo, hi = self.beta_range
+            if self.schedule != "linear":
+                raise ValueError(f"beta_range applies to the linear schedule only (schedule is {self.schedule!r}); "
+                                 "remove it or set schedule = linear")
+            if not 0.0 < lo <= hi < 1.0:
+                raise ValueError(f"beta_range must satisfy 0 < beta_1 <= beta_T < 1, got {list(self.beta_range)}")
+        return self
 
 
 class DataSpec(_Section):
@@ -138,6 +168,9 @@ class TrainSpec(_Section):
     time_limit: Optional[float] = Field(None, gt=0, le=365 * 86400, description="Seconds of this process's wall "
                                         "time after which training stops at the next step boundary with a "
                                         "checkpoint (also 30m, 2h, 1d); `ddpmctl resume` continues.")
+    init: Optional[str] = Field(None, description="Where the starting weights (and EMA) came from (`train --init`): "
+                                "a run dir, a model folder, a diffusers folder or hf:OWNER/NAME[@REV]; the "
+                                "model and diffusion sections are the source's.")
 
     @field_validator("time_limit", mode="before")
     @classmethod
@@ -344,6 +377,37 @@ def resolve(
         if clean:
             data[section] = {**data.get(section, {}), **clean}
     return validate(data)
+
+
+NETWORK_SECTIONS = ("model", "diffusion")  # what `train --init SOURCE` takes from SOURCE
+
+
+def with_init(spec: RunSpec, source: RunSpec, init: str, sets: list[str] | None = None) -> RunSpec:
+    """``spec`` with the model and diffusion sections of ``source`` (a `--init` source's spec) and
+    train.init = ``init``. A model or diffusion field that ``sets`` (`--set`) gives another value than
+    the source's is refused, naming both values (the network and the schedule are the source's)."""
+    explicit = apply_sets({}, sets or [])
+    for section in NETWORK_SECTIONS:
+        got = getattr(source, section)
+        for field, value in explicit.get(section, {}).items():
+            try:
+                same = getattr(type(got).model_validate({**got.model_dump(), field: value}), field) == getattr(got, field)
+            except ValidationError:
+                same = False
+            if not same:
+                raise UsageError(f"--set {section}.{field}={_short(json.dumps(value))} does not fit --init {init}: its "
+                                 f"{section}.{field} is {_short(json.dumps(got.model_dump(mode='json').get(field)))} "
+                                 "(the network and the schedule come from the --init source; the data is converted "
+                                 "to its image size and channels)")
+    data = dump(spec)
+    data["model"], data["diffusion"] = dump(source)["model"], dump(source)["diffusion"]
+    data["train"]["init"] = init
+    return validate(data)
+
+
+def without_network_sets(sets: list[str]) -> list[str]:
+    """The `--set`s of other sections than model and diffusion (with `--init`, :func:`with_init` checks those)."""
+    return [s for s in sets if s.partition("=")[0].strip().split(".")[0] not in NETWORK_SECTIONS]
 
 
 def dump(spec: RunSpec) -> dict:

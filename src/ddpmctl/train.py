@@ -229,7 +229,11 @@ def _run(spec: RunSpec, run_dir: Path, resume: bool, emit: Event, stop: StopFlag
     of the newest checkpoint, the start event, and the loop."""
     run = _Trainer(spec, run_dir, emit, stop, dist)
     run.setup(asked, data_root, allow_download)
-    ckpt = run.resume_state() if resume else run.create(held)
+    ckpt = run.resume_state() if resume else None
+    if ckpt is None and spec.train.init is not None:
+        run.init_from(spec.train.init)  # before a fresh run dir is made: a bad source leaves nothing behind
+    if not resume:
+        run.create(held)
     run.announce()
     return run.loop(ckpt.path if ckpt else None)
 
@@ -319,6 +323,22 @@ class _Trainer:
         self.model, self.ema, self.scaler = self.training.model, self.training.ema, self.training.scaler
         self.gen = _noise_generator(self.device, self.tr.seed + 1)
         self.stats = DeviceStats(self.device, self.tr.rollback_after)
+
+    def init_from(self, source: str) -> None:
+        """`train --init SOURCE`: the network's weights and the EMA from SOURCE (a run dir gives both
+        its raw and its EMA weights; a folder has one set, used for both). The optimizer starts fresh."""
+        from ddpmctl.modelfolder import load_source
+
+        ema_den = load_source(source, use_ema=True, device="cpu")
+        if ema_den.spec.model != self.spec.model:
+            raise UsageError(f"--init {source}: its network differs from this run's model section "
+                             "(spec.json must take the source's model section)")
+        raw = ema_den
+        if ema_den.weights == "ema" and rundir.spec_path(Path(source)).exists():
+            raw = load_source(source, use_ema=False, device="cpu")
+        self.model.load_state_dict(raw.model.state_dict())
+        self.ema.load_state_dict(ema_den.model.state_dict())
+        self.emit({"event": "message", "message": f"starting from the weights of {source} ({ema_den.weights})"})
 
     # ---------------------------------------------------------------------------------------------
     # a fresh run dir, or resume: everything back from the newest valid checkpoint

@@ -4,6 +4,11 @@ Ho et al. 2020's architecture (PixelCNN++-style residual blocks, self-attention 
 resolutions, encoder-decoder skips) with the residual blocks' second GroupNorm modulated by the
 timestep embedding (adaptive GroupNorm, "FiLM": (1 + scale) * norm(h) + shift; Dhariwal &
 Nichol 2021). The network knows nothing of the schedule or of what it predicts (eps or v).
+
+Spec options with today's network as default express Ho et al.'s original one and diffusers'
+UNet2DModel exactly (:mod:`ddpmctl.diffusersfmt`, docs/diffusers.md): ``time_injection = "add"``
+(h + Linear(emb) before an affine norm2), ``time_mlp_dim``, ``sinusoid_order``, ``freq_shift``,
+``norm_eps`` and ``downsample_padding = "asymmetric"``.
 """
 
 from __future__ import annotations
@@ -18,12 +23,19 @@ from ddpmctl.cond import Cond
 from ddpmctl.spec import ModelSpec
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, as in Ho et al.)."""
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0, *, freq_shift: float = 0.0,
+                       cos_first: bool = True) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps (Vaswani et al. 2017, as in Ho et al.).
+
+    Frequencies exp(-log(max_period) i / (half - freq_shift)), i < half; [cos | sin] halves, or [sin | cos]
+    (Ho et al.'s order, diffusers' flip_sin_to_cos false) when not ``cos_first``.
+    """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    denom = half - freq_shift if freq_shift else half
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / denom)
     args = t.float()[:, None] * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = (torch.cos(args), torch.sin(args)) if cos_first else (torch.sin(args), torch.cos(args))
+    emb = torch.cat(pair, dim=-1)
     if dim % 2:
         emb = F.pad(emb, (0, 1))
     return emb
@@ -68,14 +80,19 @@ def cpu_keep_mask(shape: torch.Size | tuple[int, ...], drop16: int, dtype: torch
 
 
 class ResBlock(nn.Module):
-    """GN-SiLU-conv, then adaptive GN (time scale/shift)-SiLU-dropout-conv, plus a skip."""
+    """GN-SiLU-conv, then adaptive GN (time scale/shift)-SiLU-dropout-conv, plus a skip.
 
-    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int):
+    With ``add_time`` (Ho et al. 2020): GN-SiLU-conv, + Linear(emb), then an affine GN-SiLU-dropout-conv.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, emb_dim: int, dropout: float, groups: int, *,
+                 add_time: bool = False, eps: float = 1e-5):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, in_ch)
+        self.add_time = add_time
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb = nn.Linear(emb_dim, 2 * out_ch)
-        self.norm2 = nn.GroupNorm(groups, out_ch, affine=False)
+        self.emb = nn.Linear(emb_dim, out_ch if add_time else 2 * out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps, affine=add_time)
         self.dropout = Dropout(dropout)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
@@ -84,9 +101,12 @@ class ResBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         h = self.conv1(_silu(self.norm1(x)))
-        scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        # (1 + scale) * norm(h) + shift as one addcmul: one pass over h instead of two.
-        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        if self.add_time:
+            h = self.norm2(h + self.emb(emb)[:, :, None, None])
+        else:
+            scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
+            # (1 + scale) * norm(h) + shift as one addcmul: one pass over h instead of two.
+            h = torch.addcmul(shift, self.norm2(h), 1 + scale)
         h = self.conv2(self.dropout(_silu(h)))
         # conv2's output is not saved for its backward, so adding the skip in place is autograd-safe.
         return h.add_(self.skip(x))
@@ -106,10 +126,10 @@ class Attention(nn.Module):
     Same parameters (conv weights of shape (out, in, 1, 1)) and the same function as the convolutions.
     """
 
-    def __init__(self, ch: int, head_channels: int, groups: int):
+    def __init__(self, ch: int, head_channels: int, groups: int, eps: float = 1e-5):
         super().__init__()
         self.heads = max(1, ch // head_channels)
-        self.norm = nn.GroupNorm(groups, ch)
+        self.norm = nn.GroupNorm(groups, ch, eps=eps)
         self.qkv = nn.Conv2d(ch, 3 * ch, 1)
         self.proj = nn.Conv2d(ch, ch, 1)
         nn.init.zeros_(self.proj.weight)
@@ -129,12 +149,15 @@ class Attention(nn.Module):
 
 
 class Downsample(nn.Module):
-    def __init__(self, ch: int):
+    """Stride-2 3x3 convolution; ``asymmetric``: padded at the bottom and right only (TensorFlow's SAME)."""
+
+    def __init__(self, ch: int, asymmetric: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+        self.asymmetric = asymmetric
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=0 if asymmetric else 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return self.conv(F.pad(x, (0, 1, 0, 1)) if self.asymmetric else x)
 
 
 class Upsample(nn.Module):
@@ -160,8 +183,11 @@ class UNet(nn.Module):
         super().__init__()
         self.spec = spec
         ch, g, drop = spec.base_channels, spec.groups, spec.dropout
-        emb_dim = spec.time_embed_dim
-        self.time_mlp = nn.Sequential(nn.Linear(emb_dim, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, emb_dim), nn.SiLU())
+        emb_dim = spec.time_mlp_dim or spec.time_embed_dim
+        self.time_mlp = nn.Sequential(nn.Linear(spec.time_embed_dim, 4 * ch), nn.SiLU(), nn.Linear(4 * ch, emb_dim),
+                                      nn.SiLU())
+        eps = spec.norm_eps
+        res_opts = {"add_time": spec.time_injection == "add", "eps": eps}
         # Class-conditional: one learned row per class plus the null class (row num_classes) that
         # classifier-free guidance's unconditional branch uses; added to the time embedding, so the
         # adaptive GroupNorm of every block sees it (Ho & Salimans 2022; guided-diffusion's label_emb).
@@ -174,7 +200,7 @@ class UNet(nn.Module):
         self.conv_in = nn.Conv2d(spec.channels, ch, 3, padding=1)
 
         def attn_or_id(c: int, res: int) -> nn.Module:
-            return Attention(c, spec.head_channels, g) if res in spec.attention_resolutions else nn.Identity()
+            return Attention(c, spec.head_channels, g, eps) if res in spec.attention_resolutions else nn.Identity()
 
         # Encoder: remember the channels of every skip tensor.
         skips, res, cur = [ch], spec.image_size, ch
@@ -184,20 +210,21 @@ class UNet(nn.Module):
             out = ch * mult
             blocks, attn = [], []
             for _ in range(spec.num_res_blocks):
-                blocks.append(ResBlock(cur, out, emb_dim, drop, g))
+                blocks.append(ResBlock(cur, out, emb_dim, drop, g, **res_opts))
                 attn.append(attn_or_id(out, res))
                 cur = out
                 skips.append(cur)
             self.down.append(Level(blocks, attn))
             last = i == len(spec.channel_mult) - 1
-            self.downsamplers.append(nn.Identity() if last else Downsample(cur))
+            self.downsamplers.append(nn.Identity() if last else
+                                     Downsample(cur, spec.downsample_padding == "asymmetric"))
             if not last:
                 skips.append(cur)
                 res //= 2
 
-        self.mid1 = ResBlock(cur, cur, emb_dim, drop, g)
-        self.mid_attn = Attention(cur, spec.head_channels, g)
-        self.mid2 = ResBlock(cur, cur, emb_dim, drop, g)
+        self.mid1 = ResBlock(cur, cur, emb_dim, drop, g, **res_opts)
+        self.mid_attn = Attention(cur, spec.head_channels, g, eps)
+        self.mid2 = ResBlock(cur, cur, emb_dim, drop, g, **res_opts)
 
         # Decoder: one more block per level than the encoder, each eating one skip.
         self.up = nn.ModuleList()
@@ -206,7 +233,7 @@ class UNet(nn.Module):
             out = ch * mult
             blocks, attn = [], []
             for _ in range(spec.num_res_blocks + 1):
-                blocks.append(ResBlock(cur + skips.pop(), out, emb_dim, drop, g))
+                blocks.append(ResBlock(cur + skips.pop(), out, emb_dim, drop, g, **res_opts))
                 attn.append(attn_or_id(out, res))
                 cur = out
             self.up.append(Level(blocks, attn))
@@ -215,7 +242,7 @@ class UNet(nn.Module):
             if not first:
                 res *= 2
 
-        self.norm_out = nn.GroupNorm(g, cur)
+        self.norm_out = nn.GroupNorm(g, cur, eps=eps)
         self.conv_out = nn.Conv2d(cur, spec.channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
@@ -223,7 +250,10 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: Cond | None = None) -> torch.Tensor:
         """The prediction at (x_t, t) given ``cond`` (:mod:`ddpmctl.cond`; None: unconditional)."""
         labels = cond.labels if cond is not None else None
-        emb = self.time_mlp(timestep_embedding(t, self.spec.time_embed_dim).to(x.dtype))
+        sp = self.spec
+        sinusoid = timestep_embedding(t, sp.time_embed_dim, freq_shift=sp.freq_shift,
+                                      cos_first=sp.sinusoid_order == "cos_sin")
+        emb = self.time_mlp(sinusoid.to(x.dtype))
         if self.num_classes:
             if labels is None:  # no labels: the unconditional prediction (the null class)
                 labels = torch.full((x.shape[0],), self.num_classes, dtype=torch.long, device=x.device)

@@ -17,7 +17,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
                     "  ddpmctl demo hf:me/shapes-ddpm --max-work 2000\n\n"
                     "Needs the optional [demo] extra: pip install '.[demo]' in the ddpmctl checkout, or pipx inject ddpmctl 'gradio>=6,<7'")
 def demo(
-    source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder or hf:OWNER/NAME[@REV] "
+    source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder, diffusers folder or hf:OWNER/NAME[@REV] "
                                                          "(default: the newest run under ./runs).")] = None,
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 lets other machines in.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535, help="Port to serve on.")] = 7860,

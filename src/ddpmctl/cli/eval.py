@@ -51,7 +51,7 @@ def human_lines(record: dict) -> list[str]:
                             "  ddpmctl eval runs/x --metric bpd --stride 10 --n 1000 --json\n\n"
                             "  ddpmctl eval runs/x --metric fid --inception-weights ~/weights-inception.safetensors")
 def eval_cmd(
-    source: Annotated[Optional[str], typer.Argument(help="Run directory or model folder (default: the newest run "
+    source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder, diffusers folder or hf:OWNER/NAME (default: the newest run "
                                                                  "under ./runs).")] = None,
     data: Annotated[Optional[str], typer.Option(help="Dataset to compare with (default: the run's training "
                                                      "data).")] = None,

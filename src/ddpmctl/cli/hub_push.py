@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
@@ -16,9 +16,10 @@ from ddpmctl.units import human_bytes
              epilog="Examples:\n\n  ddpmctl hub-push --dry-run\n\n"
                     "  ddpmctl hub-push runs/shapes-20261126-101500 --repo-id me/shapes-ddpm --private\n\n"
                     "  ddpmctl hub-push runs/shapes-20261126-101500/export --revision v2 --commit-message 'retrained'\n\n"
+                    "  ddpmctl hub-push runs/shapes-20261126-101500 --format diffusers --repo-id me/shapes-diffusers\n\n"
                     "  ddpmctl sample hf:me/shapes-ddpm --n 16 --out samples/")
 def hub_push(
-    source: Annotated[Optional[Path], typer.Argument(help="Run directory (exported first) or model folder "
+    source: Annotated[Optional[Path], typer.Argument(help="Run directory (exported first), model folder or diffusers folder "
                                                           "(default: the newest run under ./runs).")] = None,
     repo_id: Annotated[Optional[str], typer.Option("--repo-id", help="OWNER/NAME (default: the run's name in "
                                                                      "the token owner's namespace).")] = None,
@@ -31,6 +32,9 @@ def hub_push(
     no_ema: Annotated[bool, typer.Option("--no-ema", help="Export a run's raw weights instead of the EMA.")]
     = False,
     license: Annotated[str, typer.Option(help="License in the card when exporting a run.")] = "mit",
+    format: Annotated[Optional[Literal["ddpmctl", "diffusers"]], typer.Option(
+        "--format", help="A run's export format: ddpmctl (default) or diffusers (a DDPMPipeline folder, "
+                         "ddpmctl export --format diffusers). A folder is pushed in its own format.")] = None,
     device: DeviceOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -44,7 +48,8 @@ def hub_push(
 
     dev = command_device(device)
     res = push(source, repo_id=repo_id, private=private, revision=revision, commit_message=commit_message,
-               dry_run=dry_run, dtype=dtype, use_ema=not no_ema, license=license, device=dev, on_warning=info)
+               dry_run=dry_run, dtype=dtype, use_ema=not no_ema, license=license, device=dev, on_warning=info,
+               format=format)
     if as_json:
         print_json(res.to_dict())
         return

@@ -19,7 +19,7 @@ from ddpmctl.cli.train import NprocOpt
                     "  ddpmctl sample --n 64 --sampler ddim --steps 25 --seed 7 --out quick/ --json\n\n"
                     "  ddpmctl sample runs/shapes-cond --class circle --guidance 2 --n 16 --out circles/")
 def sample(
-    source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder (ddpmctl export) or hf:OWNER/NAME[@REV] (default: the newest run under ./runs).")] = None,
+    source: Annotated[Optional[str], typer.Argument(help="Run directory, model folder (ddpmctl export), diffusers folder (DDPMPipeline) or hf:OWNER/NAME[@REV] (default: the newest run under ./runs).")] = None,
     n: Annotated[int, typer.Option("--n", min=1, max=1_000_000, help="Number of images.")] = 16,
     out: Annotated[Path, typer.Option(help="Output directory (created; must be new or empty).")] = Path("samples"),
     sampler: SamplerOpt = None,

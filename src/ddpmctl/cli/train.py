@@ -154,7 +154,9 @@ def run_training(spec, run_dir: Path, device, *, resume: bool, as_json: bool, da
 @app.command(
     epilog="Examples:\n\n  ddpmctl train shapes\n\n  ddpmctl train ./my_photos --preset celeba --epochs 200\n\n"
     "  ddpmctl train cifar10 --dry-run --json\n\n  ddpmctl train shapes --set optim.lr=1e-3 --max-steps 200\n\n"
-    "  ddpmctl train celeba --epochs 200 --nproc 8\n\n  ddpmctl train mnist --time-limit 2h   "
+    "  ddpmctl train celeba --epochs 200 --nproc 8\n\n"
+    "  ddpmctl train ./church_photos --init hf:google/ddpm-church-256 --max-steps 2000\n\n"
+    "  ddpmctl train mnist --time-limit 2h   "
     "(then `ddpmctl resume RUN --time-limit 2h` until done)",
 )
 def train(
@@ -189,6 +191,11 @@ def train(
         "--conditional", help="Class-conditional model with classifier-free guidance: needs labelled data (shapes, "
         "mnist, fashion-mnist, cifar10, a folder with one sub-folder per class); then `ddpmctl sample RUN --class "
         "NAME --guidance W`. Labels are dropped for train.label_dropout of the images (default 0.1).")] = None,
+    init: Annotated[Optional[str], typer.Option(
+        "--init", metavar="SOURCE", help="Start from SOURCE's weights and EMA (a run dir, a model folder, a "
+        "diffusers folder or hf:OWNER/NAME[@REV]): the network and the schedule are SOURCE's, the data is "
+        "converted to its image size and channels, the optimizer starts fresh; spec.json records train.init.")]
+    = None,
     time_limit: TimeLimitOpt = None,
     nproc: NprocOpt = None,
     quiet: QuietOpt = False,
@@ -213,7 +220,16 @@ def train(
         "optim": {"lr": lr},
         "model": {"conditional": conditional},
     }
-    spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
+    # with --init, the network and schedule are the source's: the preset's are not validated against --set
+    own_sets = sets or [] if init is None else specmod.without_network_sets(sets or [])
+    spec = specmod.resolve(name, spec_file=spec_file, sets=own_sets, overrides=overrides)
+    if init is not None:
+        from ddpmctl.hub import HF_PREFIX
+        from ddpmctl.modelfolder import load_source
+
+        init = init if init.startswith(HF_PREFIX) else data_source(init)
+        source = load_source(init, device="cpu", on_warning=info)  # a bad source fails here, before any work
+        spec = specmod.with_init(spec, source.spec, init, sets)
     check_source(spec.data.source, root=data_root)  # a typo fails here, dry run or not; nothing is downloaded
     if guessed and not dry_run and os.environ.get("RANK", "0") == "0":  # once per job under torchrun
         info(f"using preset {name} ({spec.model.image_size}x{spec.model.image_size}, "
