@@ -391,4 +391,4 @@ def test_eval_of_a_conditional_model_reports_fid_kid_per_class(random_inception,
         assert list(per) == ["circle", "square", "triangle"] and all(math.isfinite(v) for v in per.values())
     r = cli("eval", "RUN", "--data", "ref", "--split", "train", "--metric", "fid", "--n", "6", "--steps", "1",
             "--inception-weights", str(random_inception))
-    assert r.returncode == 0 and "FID per class: circle " in r.stdout and "guidance 1" in r.stdout, r.stdout
+    assert r.returncode == 0 and "FID per class: circle " in r.stdout and "guidance 0" in r.stdout, r.stdout

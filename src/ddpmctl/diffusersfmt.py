@@ -64,11 +64,15 @@ def read_config(path: Path, what: str) -> dict:
 
 
 def _class_name(path: Path) -> str | None:
+    """The ``_class_name`` of a config, or None when it is not a readable small JSON object (the loader
+    of the folder's own format then reports what is wrong with it)."""
+    from ddpmctl.errors import DdpmctlError
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = read_config(path, "config")
+    except DdpmctlError:
         return None
-    return data.get("_class_name") if isinstance(data, dict) else None
+    return data.get("_class_name")
 
 
 def is_diffusers_folder(folder: Path) -> bool:
