@@ -79,3 +79,36 @@ def test_save_load_round_trip(tmp_path):
 def test_unknown_preset():
     with pytest.raises(UsageError, match="unknown preset 'nope'"):
         S.resolve("nope")
+
+
+def test_recipe_ho2020_is_ho_et_al_over_any_preset():
+    """--recipe ho2020: eps, linear 1e-4..0.02, T=1000, L_simple, Adam 2e-4 without weight decay,
+    warm-up 5000, EMA 0.9999 (no EMA warm-up), dropout 0.1, DDPM over all 1000 steps; the preset keeps
+    its network and data, and --set still wins over the recipe."""
+    for preset in ("cifar10", "mnist", "celeba"):
+        sp = S.resolve(preset, recipe="ho2020")
+        base = S.resolve(preset)
+        d, o, smp = sp.diffusion, sp.optim, sp.sample
+        assert (d.prediction, d.schedule, d.timesteps, d.loss_weighting) == ("eps", "linear", 1000, "none")
+        assert (o.name, o.lr, o.weight_decay, o.warmup_steps, o.ema_decay, o.ema_warmup, o.grad_clip) == \
+            ("adamw", 2e-4, 0.0, 5000, 0.9999, False, 1.0)
+        assert (smp.sampler, smp.steps) == ("ddpm", 1000) and sp.model.dropout == 0.1
+        assert sp.recipe == "ho2020" and sp.preset == preset and base.recipe is None
+        assert sp.model.model_dump(exclude={"dropout"}) == base.model.model_dump(exclude={"dropout"})
+        assert sp.data == base.data and sp.train == base.train
+    from ddpmctl.diffusion import make_betas
+
+    betas = make_betas(S.resolve("cifar10", recipe="ho2020").diffusion.schedule, 1000)
+    assert float(betas[0]) == pytest.approx(1e-4) and float(betas[-1]) == pytest.approx(0.02)
+    assert S.resolve("cifar10", recipe="ho2020", sets=["optim.warmup_steps=10"]).optim.warmup_steps == 10
+    with pytest.raises(UsageError, match="unknown recipe 'ho2021'.*ho2020"):
+        S.resolve("cifar10", recipe="ho2021")
+
+
+def test_loss_weighting_default_none_and_settable():
+    for name in S.PRESETS:
+        assert S.resolve(name).diffusion.loss_weighting == "none"
+    d = S.resolve("shapes", sets=["diffusion.loss_weighting=min-snr", "diffusion.min_snr_gamma=3"]).diffusion
+    assert (d.loss_weighting, d.min_snr_gamma) == ("min-snr", 3.0)
+    with pytest.raises(SpecError, match="diffusion.loss_weighting"):
+        S.resolve("shapes", sets=["diffusion.loss_weighting=minsnr"])

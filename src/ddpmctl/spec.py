@@ -1,6 +1,6 @@
 """RunSpec: the single source of truth for a run, saved as RUN_DIR/spec.json.
 
-Sources, later wins: preset -> --spec FILE (TOML or JSON) -> --set section.field=value -> flags.
+Sources, later wins: preset -> --recipe -> --spec FILE (TOML or JSON) -> --set section.field=value -> flags.
 Every field is typed and bounded; cross-field validators say what would work.
 """
 
@@ -69,6 +69,10 @@ class DiffusionSpec(_Section):
     timesteps: int = Field(1000, ge=10, le=10000, description="Number of diffusion steps T.")
     schedule: Literal["cosine", "linear"] = Field("cosine", description="Noise schedule.")
     prediction: Literal["eps", "v"] = Field("eps", description="What the network predicts.")
+    loss_weighting: Literal["none", "min-snr"] = Field("none", description="none: L_simple (Ho et al.); min-snr: "
+                                                       "weight each timestep's MSE by min(SNR, gamma) / SNR for eps, "
+                                                       "/ (SNR + 1) for v (Hang et al. 2023).")
+    min_snr_gamma: float = Field(5.0, gt=0, le=1e6, description="gamma of loss_weighting = min-snr.")
 
 
 class DataSpec(_Section):
@@ -155,6 +159,7 @@ class RunSpec(_Section):
     version: int = Field(SPEC_VERSION, ge=1, le=SPEC_VERSION, description="Spec format version (a newer one is "
                          "refused by validate() before its fields are read).")
     preset: str = "custom"
+    recipe: Optional[str] = Field(None, description="The recipe laid over the preset (RECIPES; None: the preset's own).")
     model: ModelSpec = ModelSpec()
     diffusion: DiffusionSpec = DiffusionSpec()
     data: DataSpec = DataSpec()
@@ -210,6 +215,33 @@ PRESETS: dict[str, dict[str, Any]] = {
         "train": {"epochs": 200, "batch_size": 64, "sample_every": 10},
     },
 }
+
+
+# ---------------------------------------------------------------- recipes
+# A recipe is a training/sampling recipe laid over any preset (after it, before --spec and --set):
+# the presets keep their networks and data, the recipe sets the diffusion, loss, optimiser, EMA and
+# sampler of a published setup, so a paper-comparable run is one flag away (`train --recipe ho2020`).
+RECIPES: dict[str, dict[str, Any]] = {
+    # Ho, Jain & Abbeel 2020 (arXiv:2006.11239, section 4 and appendix B; their diffusion_tf code):
+    # eps-prediction, linear betas 1e-4..0.02, T = 1000, L_simple (unweighted MSE); Adam at 2e-4 (no
+    # weight decay), 5,000 warm-up steps, gradient norm clipped at 1, EMA 0.9999 (plain, no EMA
+    # warm-up); dropout 0.1 (their CIFAR-10 value); ancestral sampling over all 1,000 steps.
+    "ho2020": {
+        "model": {"dropout": 0.1},
+        "diffusion": {"timesteps": 1000, "schedule": "linear", "prediction": "eps", "loss_weighting": "none"},
+        "optim": {"name": "adamw", "lr": 2e-4, "weight_decay": 0.0, "beta1": 0.9, "beta2": 0.999,
+                  "warmup_steps": 5000, "grad_clip": 1.0, "ema_decay": 0.9999, "ema_warmup": False,
+                  "warm_start_steps": 0},
+        "sample": {"sampler": "ddpm", "steps": 1000, "eta": 0.0},
+    },
+}
+
+
+def recipe_dict(name: str) -> dict:
+    if name not in RECIPES:
+        raise UsageError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)} "
+                         "(or leave --recipe out for the preset's own recipe)")
+    return RECIPES[name]
 
 
 def _format_error(exc: ValidationError) -> str:
@@ -296,8 +328,8 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
         if not sep or len(parts) != 2 or not all(parts):
             raise UsageError(f"--set expects section.field=value (e.g. optim.lr=1e-4), got {item!r}")
         section, field = parts
-        if section not in RunSpec.model_fields or section in ("version", "preset"):
-            sections = [s for s in RunSpec.model_fields if s not in ("version", "preset")]
+        if section not in RunSpec.model_fields or section in ("version", "preset", "recipe"):
+            sections = [s for s in RunSpec.model_fields if s not in ("version", "preset", "recipe")]
             raise UsageError(f"--set {item!r}: unknown section {section!r}; sections: {', '.join(sections)}")
         current = out.get(section, {})
         if not isinstance(current, dict):
@@ -310,12 +342,15 @@ def apply_sets(data: dict, sets: list[str]) -> dict:
 def resolve(
     preset: str,
     *,
+    recipe: str | None = None,
     spec_file: Path | None = None,
     sets: list[str] | None = None,
     overrides: dict[str, dict[str, Any]] | None = None,
 ) -> RunSpec:
-    """preset -> spec file -> --set -> flags (later wins)."""
+    """preset -> recipe -> spec file -> --set -> flags (later wins)."""
     data = preset_dict(preset)
+    if recipe is not None:
+        data = _deep_merge({**data, "recipe": recipe}, recipe_dict(recipe))
     if spec_file is not None:
         data = _deep_merge(data, load_spec_file(spec_file))
     data = apply_sets(data, sets or [])

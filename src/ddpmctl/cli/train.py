@@ -11,7 +11,7 @@ import typer
 
 from ddpmctl.cli.common import PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, app, command_device, info, print_json
 from ddpmctl.errors import UsageError
-from ddpmctl.spec import PRESETS
+from ddpmctl.spec import PRESETS, RECIPES
 
 # Datasets whose natural preset differs from their name.
 PRESET_FOR_DATA = {"fashion-mnist": "mnist", "celeba-hq": "celeba"}
@@ -154,6 +154,7 @@ def run_training(spec, run_dir: Path, device, *, resume: bool, as_json: bool, da
 @app.command(
     epilog="Examples:\n\n  ddpmctl train shapes\n\n  ddpmctl train ./my_photos --preset celeba --epochs 200\n\n"
     "  ddpmctl train cifar10 --dry-run --json\n\n  ddpmctl train shapes --set optim.lr=1e-3 --max-steps 200\n\n"
+    "  ddpmctl train cifar10 --recipe ho2020   (Ho et al. 2020's exact recipe)\n\n"
     "  ddpmctl train celeba --epochs 200 --nproc 8\n\n  ddpmctl train mnist --time-limit 2h   "
     "(then `ddpmctl resume RUN --time-limit 2h` until done)",
 )
@@ -162,6 +163,11 @@ def train(
                                              "a folder or archive of images, hf://datasets/..., https://...")],
     preset: Annotated[Optional[str], typer.Option(help=f"Model/training preset: {', '.join(PRESETS)} "
                                                        "(default: named after DATA, else cifar10).")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help=f"Published training recipe laid over the preset: "
+                                                       f"{', '.join(RECIPES)} (Ho et al. 2020: eps, linear "
+                                                       "schedule, L_simple, warm-up 5000, EMA 0.9999, DDPM "
+                                                       "1000-step sampling; for paper-comparable FID). Default: "
+                                                       "the preset's own (docs/quality.md says why).")] = None,
     spec_file: Annotated[Optional[Path], typer.Option("--spec", help="TOML or JSON spec file (partial).")] = None,
     sets: Annotated[Optional[list[str]], typer.Option("--set", metavar="SECTION.FIELD=VALUE",
                                                                        help="Override one spec field (repeatable).")] = None,
@@ -208,7 +214,7 @@ def train(
                   "time_limit": limit if limit != "off" else None},
         "optim": {"lr": lr},
     }
-    spec = specmod.resolve(name, spec_file=spec_file, sets=sets or [], overrides=overrides)
+    spec = specmod.resolve(name, recipe=recipe, spec_file=spec_file, sets=sets or [], overrides=overrides)
     check_source(spec.data.source, root=data_root)  # a typo fails here, dry run or not; nothing is downloaded
     if guessed and not dry_run and os.environ.get("RANK", "0") == "0":  # once per job under torchrun
         info(f"using preset {name} ({spec.model.image_size}x{spec.model.image_size}, "
