@@ -222,10 +222,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 # the presets keep their networks and data, the recipe sets the diffusion, loss, optimiser, EMA and
 # sampler of a published setup, so a paper-comparable run is one flag away (`train --recipe ho2020`).
 RECIPES: dict[str, dict[str, Any]] = {
-    # Ho, Jain & Abbeel 2020 (arXiv:2006.11239, section 4 and appendix B; their diffusion_tf code):
-    # eps-prediction, linear betas 1e-4..0.02, T = 1000, L_simple (unweighted MSE); Adam at 2e-4 (no
-    # weight decay), 5,000 warm-up steps, gradient norm clipped at 1, EMA 0.9999 (plain, no EMA
-    # warm-up); dropout 0.1 (their CIFAR-10 value); ancestral sampling over all 1,000 steps.
+    # Ho, Jain & Abbeel 2020 (arXiv:2006.11239, section 4 and appendix B; their diffusion_tf code,
+    # scripts/run_cifar.py and tpu_utils.make_ema): eps-prediction, linear betas 1e-4..0.02, T = 1000,
+    # L_simple (unweighted MSE); Adam at 2e-4 (no weight decay), 5,000 warm-up steps, gradient norm
+    # clipped at 1, EMA 0.9999 (plain, no EMA warm-up); dropout 0.1 (their CIFAR-10 value); ancestral
+    # sampling over all 1,000 steps (their CIFAR-10 variance is sigma^2 = beta: `sample --variance beta`).
     "ho2020": {
         "model": {"dropout": 0.1},
         "diffusion": {"timesteps": 1000, "schedule": "linear", "prediction": "eps", "loss_weighting": "none"},
