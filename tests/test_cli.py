@@ -181,3 +181,10 @@ def test_train_with_min_snr_weighting_end_to_end(cli, tmp_path):
         losses[w] = json.loads(r.stdout)["final_loss"]
         assert json.loads((tmp_path / w / "spec.json").read_text())["diffusion"]["loss_weighting"] == w
     assert losses["none"] != losses["min-snr"]
+
+
+def test_train_named_after_a_preset_uses_its_data(monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "train", "mnist-small", "--dry-run", "--json", "--max-steps", "5")
+    assert code == 0, err
+    spec = json.loads(out)["spec"]
+    assert spec["preset"] == "mnist-small" and spec["data"]["source"] == "mnist"

@@ -179,3 +179,12 @@ def test_progress_view_heartbeat_covers_stages_without_counts(monkeypatch, capfd
     with ProgressView(quiet=True) as view, view.phase("export"):
         time.sleep(0.1)
     assert capfd.readouterr().err == ""
+
+
+def test_an_hour_long_cpu_estimate_names_the_cpu_presets():
+    from ddpmctl.cli.progress import describe_estimate
+
+    est = {"seconds": 3 * 3600, "steps": 3100, "method": "2 timed steps"}
+    assert "--preset mnist-small" in describe_estimate(est, "cpu") and "--preset shapes" in describe_estimate(est, "mps")
+    assert "mnist-small" not in describe_estimate(est, "cuda")
+    assert "mnist-small" not in describe_estimate({**est, "seconds": 1800}, "cpu")

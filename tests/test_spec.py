@@ -112,3 +112,14 @@ def test_loss_weighting_default_none_and_settable():
     assert (d.loss_weighting, d.min_snr_gamma) == ("min-snr", 3.0)
     with pytest.raises(SpecError, match="diffusion.loss_weighting"):
         S.resolve("shapes", sets=["diffusion.loss_weighting=minsnr"])
+
+
+def test_mnist_small_is_the_cpu_sized_digits_preset():
+    from ddpmctl.unet import build
+
+    sp = S.resolve("mnist-small")
+    m = sp.model
+    assert (m.image_size, m.channels, m.base_channels, m.groups, sp.train.batch_size) == (28, 1, 32, 8, 64)
+    assert 1.9e6 < sum(p.numel() for p in build(m).parameters()) < 2.1e6
+    assert sp.data.source == "mnist" and not sp.data.flip
+    assert sp.diffusion.prediction == "v" and (sp.sample.sampler, sp.sample.steps, sp.sample.eta) == ("dpm-solver++", 20, 1.0)
