@@ -9,7 +9,8 @@ For each training seed the script
    preset's epochs, ends the run; the training grids are turned off (`train.sample_every=100000`,
    `sample.grid_size=1`) so they do not eat the budget. `--set` overrides all of this.
 2. samples N images (seeds 0..N-1) from the EMA weights with `ddpmctl.generate.generate`, the code
-   `ddpmctl sample` runs (default sampler, steps and eta: the run's own, `ddpmctl.generate.run_defaults`);
+   `ddpmctl sample` runs (default sampler, steps and eta: the run's own, `ddpmctl.generate.run_defaults`;
+   `--samplers NAME:STEPS:ETA,...`: each of several samplers on the same weights, one row each);
 3. scores them against the real test split, offline:
    * a small CNN classifier, trained once on the real training split and cached under OUT/classifier/
      (keyed by the images' digest): the Fréchet distance between Gaussians fitted to its 64-d

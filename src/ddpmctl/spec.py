@@ -169,12 +169,17 @@ class RunSpec(_Section):
 
 
 # ---------------------------------------------------------------- presets
-# The sampler of the mnist, cifar10 and celeba presets: SDE-DPM-Solver++ (eta 1) in 20 steps. On real
-# digits at equal training it beat DDIM 50 eta 0 (their old default) by 1.2-5.5x in Frechet distance,
-# for eps and for v, two seeds each, at 2.5x fewer network evaluations; DDIM's eps samples carry the
-# speckle issue 16 saw (docs/quality.md, "Quality per compute budget"). Those presets keep eps: at this
-# sampler it scored better than v there. `--recipe ho2020` gives the paper's DDPM sampling instead.
+# The recipe of the mnist, mnist-small, cifar10 and celeba presets, measured on real digits at equal
+# training steps, two seeds each (docs/quality.md, "Quality per compute budget"):
+# * SDE-DPM-Solver++ (eta 1) in 20 steps beat DDIM 50 eta 0 (their old default) by 1.2-5.5x in Frechet
+#   distance, for eps and for v, at 2.5x fewer network evaluations; DDIM's eps samples carry the
+#   speckle issue 16 saw on MNIST.
+# * v-prediction with min-SNR-5 loss weighting beat eps (FD 17.9 vs 20.9, floor 15.3; every seed);
+#   v alone did not (25.9), nor did min-SNR on eps (20.3 on seed 0). v also stays clean with DDIM and
+#   early in training, where eps draws speckle or noise.
+# `--recipe ho2020` gives Ho et al.'s eps, linear schedule, L_simple and DDPM sampling instead.
 MEASURED_SAMPLER: dict[str, Any] = {"sampler": "dpm-solver++", "steps": 20, "eta": 1.0}
+MEASURED_DIFFUSION: dict[str, Any] = {"prediction": "v", "loss_weighting": "min-snr", "min_snr_gamma": 5.0}
 
 # Each preset is a partial spec: only what differs from the defaults above.
 PRESETS: dict[str, dict[str, Any]] = {
@@ -194,7 +199,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "diffusion": {"prediction": "v"},
         "sample": {"grid_size": 64, "sampler": "dpm-solver++", "steps": 20, "eta": 1.0},
     },
-    # MNIST 28x28 grayscale (7.0M parameters); sampler: MEASURED_SAMPLER.
+    # MNIST 28x28 grayscale (7.0M parameters); recipe: MEASURED_DIFFUSION and MEASURED_SAMPLER.
     "mnist": {
         "model": {
             "image_size": 28, "channels": 1, "base_channels": 64, "channel_mult": (1, 2, 2),
@@ -202,6 +207,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "data": {"source": "mnist", "flip": False},
         "train": {"epochs": 50, "batch_size": 128, "sample_every": 5},
+        "diffusion": dict(MEASURED_DIFFUSION),
         "sample": dict(MEASURED_SAMPLER),
     },
     # MNIST-type 28x28 grayscale sized for a CPU (2.0M parameters, the network issue 16 measured at
@@ -209,7 +215,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # there). The preset a CPU or Apple-Silicon user should pick for digits. Its recipe is what won on
     # real digits at equal steps (docs/quality.md, "Quality per compute budget", two seeds each): a
     # warm-up of 10 % of the run (187 steps; mnist's 500 would be 27 % here, and a warm-up longer than
-    # the run left its samples noise), eps-prediction and MEASURED_SAMPLER.
+    # the run left its samples noise), MEASURED_DIFFUSION and MEASURED_SAMPLER.
     "mnist-small": {
         "model": {
             "image_size": 28, "channels": 1, "base_channels": 32, "channel_mult": (1, 2, 2),
@@ -218,9 +224,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "data": {"source": "mnist", "flip": False},
         "optim": {"warmup_steps": 187},
         "train": {"epochs": 2, "batch_size": 64, "checkpoint_every": 500, "sample_every": 1},
+        "diffusion": dict(MEASURED_DIFFUSION),
         "sample": dict(MEASURED_SAMPLER),
     },
-    # Ho et al. 2020 CIFAR-10 network (35.7M parameters); sampler: MEASURED_SAMPLER; Ho et al.'s own
+    # Ho et al. 2020 CIFAR-10 network (35.7M parameters); recipe: MEASURED_DIFFUSION and MEASURED_SAMPLER; Ho et al.'s own
     # training and sampling recipe: --recipe ho2020.
     "cifar10": {
         "model": {
@@ -229,9 +236,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "data": {"source": "cifar10"},
         "train": {"epochs": 2000, "batch_size": 128, "sample_every": 50},
+        "diffusion": dict(MEASURED_DIFFUSION),
         "sample": dict(MEASURED_SAMPLER),
     },
-    # DDIM paper's CelebA-64 model; sampler: MEASURED_SAMPLER.
+    # DDIM paper's CelebA-64 model; recipe: MEASURED_DIFFUSION and MEASURED_SAMPLER.
     "celeba": {
         "model": {
             "image_size": 64, "channels": 3, "base_channels": 128, "channel_mult": (1, 2, 2, 2, 4),
@@ -239,6 +247,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "data": {"source": "celeba"},
         "train": {"epochs": 200, "batch_size": 64, "sample_every": 10},
+        "diffusion": dict(MEASURED_DIFFUSION),
         "sample": dict(MEASURED_SAMPLER),
     },
 }
