@@ -174,9 +174,9 @@ class RunSpec(_Section):
 # * SDE-DPM-Solver++ (eta 1) in 20 steps beat DDIM 50 eta 0 (their old default) by 1.2-5.5x in Frechet
 #   distance, for eps and for v, at 2.5x fewer network evaluations; DDIM's eps samples carry the
 #   speckle issue 16 saw on MNIST.
-# * v-prediction with min-SNR-5 loss weighting beat eps (FD 17.9 vs 20.9, floor 15.3; every seed);
-#   v alone did not (25.9), nor did min-SNR on eps (20.3 on seed 0). v also stays clean with DDIM and
-#   early in training, where eps draws speckle or noise.
+# * min-SNR-5 loss weighting helped: v 25.9 -> 17.9 (floor 15.3), eps 20.9 -> 18.7; v with min-SNR
+#   beat the old eps with L_simple on every seed. With min-SNR, v and eps tie at this sampler; v is
+#   chosen because with DDIM and early in training it was 3.6-18x better, where eps draws speckle.
 # `--recipe ho2020` gives Ho et al.'s eps, linear schedule, L_simple and DDPM sampling instead.
 MEASURED_SAMPLER: dict[str, Any] = {"sampler": "dpm-solver++", "steps": 20, "eta": 1.0}
 MEASURED_DIFFUSION: dict[str, Any] = {"prediction": "v", "loss_weighting": "min-snr", "min_snr_gamma": 5.0}
