@@ -174,8 +174,8 @@ class RunSpec(_Section):
 # * SDE-DPM-Solver++ (eta 1) in 20 steps beat DDIM 50 eta 0 (their old default) by 1.2-5.5x in Frechet
 #   distance, for eps and for v, at 2.5x fewer network evaluations; DDIM's eps samples carry the
 #   speckle issue 16 saw on MNIST.
-# * min-SNR-5 loss weighting helped: v 25.9 -> 17.9 (floor 15.3), eps 20.9 -> 18.7; v with min-SNR
-#   beat the old eps with L_simple on every seed. With min-SNR, v and eps tie at this sampler; v is
+# * min-SNR-5 loss weighting helped: v 25.9 -> 17.9 (floor 15.3), eps 20.9 -> 18.6; v with min-SNR
+#   beat the old eps with L_simple on every seed (3). With min-SNR, v and eps tie at this sampler; v is
 #   chosen because with DDIM and early in training it was 3.6-18x better, where eps draws speckle.
 # `--recipe ho2020` gives Ho et al.'s eps, linear schedule, L_simple and DDPM sampling instead.
 MEASURED_SAMPLER: dict[str, Any] = {"sampler": "dpm-solver++", "steps": 20, "eta": 1.0}
