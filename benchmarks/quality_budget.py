@@ -9,7 +9,8 @@ For each training seed the script
    preset's epochs, ends the run; the training grids are turned off (`train.sample_every=100000`,
    `sample.grid_size=1`) so they do not eat the budget. `--set` overrides all of this.
 2. samples N images (seeds 0..N-1) from the EMA weights with `ddpmctl.generate.generate`, the code
-   `ddpmctl sample` runs (default sampler, steps and eta: the run's own, `ddpmctl.generate.run_defaults`);
+   `ddpmctl sample` runs (default sampler, steps and eta: the run's own, `ddpmctl.generate.run_defaults`;
+   `--samplers NAME:STEPS:ETA,...`: each of several samplers on the same weights, one row each);
 3. scores them against the real test split, offline:
    * a small CNN classifier, trained once on the real training split and cached under OUT/classifier/
      (keyed by the images' digest): the Fréchet distance between Gaussians fitted to its 64-d
@@ -246,14 +247,26 @@ def train_run(args, run_dir: Path, data_source: str, sets: list[str], seed: int)
     return json.loads(proc.stdout.strip().splitlines()[-1]), wall
 
 
-def score(args, run_dir: Path, net: SmallCNN, real: dict) -> dict:
+def sampler_choices(args) -> list[tuple]:
+    """--samplers "ddim:20:0,dpm-solver++:20:1" -> [(name, steps, eta)]; else one (--sampler, --steps, --eta)."""
+    if not args.samplers:
+        return [(args.sampler, args.steps, args.eta)]
+    out = []
+    for item in args.samplers.split(","):
+        name, _, rest = item.strip().partition(":")
+        steps, _, eta = rest.partition(":")
+        out.append((name, int(steps) if steps else None, float(eta) if eta else None))
+    return out
+
+
+def score(args, run_dir: Path, net: SmallCNN, real: dict, choice: tuple) -> dict:
     device = choose_device(args.device or "auto")
     den = load_run(run_dir, device=device)
-    sampler, steps, eta = run_defaults(den.spec, args.sampler)
-    if args.steps is not None:
-        steps = args.steps
-    if args.eta is not None:
-        eta = args.eta
+    sampler, steps, eta = run_defaults(den.spec, choice[0])
+    if choice[1] is not None:
+        steps = choice[1]
+    if choice[2] is not None:
+        eta = choice[2]
     precision = choose_precision(den.spec.train.precision, device)
     t0 = time.perf_counter()
     out, nfe = [], 0
@@ -262,7 +275,8 @@ def score(args, run_dir: Path, net: SmallCNN, real: dict) -> dict:
         out.append(imgs.cpu())
     u8 = torch.cat(out)
     sample_s = time.perf_counter() - t0
-    save_png(run_dir / "quality_samples.png", make_grid(u8[:64], nrow=8))
+    eta_tag = f"-eta{eta:g}" if eta else ""
+    save_png(run_dir / f"quality_samples-{sampler}{steps}{eta_tag}.png", make_grid(u8[:64], nrow=8))
     feats, probs = embed(net, u8)
     conf = probs.max(1)
     hist = np.bincount(probs.argmax(1), minlength=probs.shape[1]) / len(probs)
@@ -300,7 +314,7 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(fmt(flat.get(k)) for k, _ in cols) + " |")
     by_config: dict[str, list[dict]] = {}
     for r in rows:
-        by_config.setdefault(r["config"], []).append(r)
+        by_config.setdefault(f"{r['config']}, {r['sampler_label']}", []).append(r)
     for config, rs in by_config.items():
         if len(rs) > 1:
             parts = []
@@ -331,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sampler", help="ddpm | ddim | dpm-solver++ (default: the run's own)")
     ap.add_argument("--steps", type=int, help="sampler steps (default: the run's own for its sampler)")
     ap.add_argument("--eta", type=float, help="sampler eta (default: the run's own for its sampler, else 0)")
+    ap.add_argument("--samplers", help="score each run with several samplers, NAME:STEPS:ETA comma-separated "
+                    "(e.g. ddim:20:0,ddim:20:1,dpm-solver++:20:1); one row each; overrides --sampler/--steps/--eta")
     ap.add_argument("--seeds", default="0", help="training seeds, comma-separated (e.g. 0,1)")
     ap.add_argument("--label", help="name of this config in the table (default: preset and --set values)")
     ap.add_argument("--threads", type=int, help="OMP_NUM_THREADS for training and torch threads here")
@@ -394,18 +410,20 @@ def main(argv: list[str] | None = None) -> int:
                "torch": torch.__version__, "ddpmctl": ddpmctl.__version__, "machine": machine,
                "classifier_test_accuracy": accuracy, "fd_real_floor": fd_floor,
                "real_test_n": len(test[0])}
-        row.update(score(args, run_dir, net, real))
-        row["sampler_label"] = f"{row['sampler']} {row['sampler_steps']}" + (f" η={row['eta']:g}" if row["eta"] else "")
-        if "shapes_stats" in row:
-            row["shapes_stats_real"] = {k: v for k, v in summarise(test[0].numpy()).items() if k in SHAPES_STATS}
-        with open(out / "results.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
-        rows.append(row)
-        if args.json:
-            print(json.dumps(row), flush=True)
-        else:
-            print(f"seed {seed}: {row['steps']} steps in {row['train_seconds']} s, FD {row['fd']:.3g} "
-                  f"(floor {fd_floor:.3g})", file=sys.stderr, flush=True)
+        base = row
+        for choice in sampler_choices(args):
+            row = {**base, **score(args, run_dir, net, real, choice)}
+            row["sampler_label"] = f"{row['sampler']} {row['sampler_steps']}" + (f" η={row['eta']:g}" if row["eta"] else "")
+            if "shapes_stats" in row:
+                row["shapes_stats_real"] = {k: v for k, v in summarise(test[0].numpy()).items() if k in SHAPES_STATS}
+            with open(out / "results.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+            rows.append(row)
+            if args.json:
+                print(json.dumps(row), flush=True)
+            else:
+                print(f"seed {seed}: {row['steps']} steps in {row['train_seconds']} s, {row['sampler_label']}: "
+                      f"FD {row['fd']:.3g} (floor {fd_floor:.3g})", file=sys.stderr, flush=True)
     if not args.json:
         print_table(rows)
     return 0

@@ -159,3 +159,35 @@ def test_the_pipx_packages_of_each_extra_are_those_of_pyproject():
         # README's Installing section gives the same pipx commands (ones that install without a warning).
         readme = (Path(__file__).parents[1] / "README.md").read_text()
         assert f"pipx inject ddpmctl {' '.join(repr(p) for p in packages)}" in readme, extra
+
+
+def test_dry_run_recipe_ho2020(monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "train", "cifar10", "--recipe", "ho2020", "--dry-run", "--json",
+                              "--max-steps", "5")
+    assert code == 0, err
+    spec = json.loads(out)["spec"]
+    assert spec["recipe"] == "ho2020" and spec["diffusion"]["schedule"] == "linear"
+    assert spec["optim"]["warmup_steps"] == 5000 and spec["sample"]["sampler"] == "ddpm"
+    code, out, err = run_main(monkeypatch, capsys, "train", "cifar10", "--recipe", "nope", "--dry-run")
+    assert code == 2 and "unknown recipe 'nope'" in err
+
+
+def test_train_with_min_snr_weighting_end_to_end(cli, tmp_path):
+    """--set diffusion.loss_weighting=min-snr trains (v and eps), records it in the spec, and changes the loss."""
+    args = ["train", "shapes", "--max-steps", "2", "--batch-size", "4", "--set", "model.base_channels=16",
+            "--set", "model.groups=8", "--set", "sample.grid_size=1", "--set", "sample.steps=2", "--seed", "1",
+            "--json", "--quiet"]
+    losses = {}
+    for w in ("none", "min-snr"):
+        r = cli(*args, "--set", f"diffusion.loss_weighting={w}", "--out", str(tmp_path / w), cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        losses[w] = json.loads(r.stdout)["final_loss"]
+        assert json.loads((tmp_path / w / "spec.json").read_text())["diffusion"]["loss_weighting"] == w
+    assert losses["none"] != losses["min-snr"]
+
+
+def test_train_named_after_a_preset_uses_its_data(monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "train", "mnist-small", "--dry-run", "--json", "--max-steps", "5")
+    assert code == 0, err
+    spec = json.loads(out)["spec"]
+    assert spec["preset"] == "mnist-small" and spec["data"]["source"] == "mnist"

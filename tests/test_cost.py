@@ -204,3 +204,12 @@ def test_progress_rate_and_eta_are_smoothed_over_minutes_not_the_last_window(mon
                 assert f"~{P.human_duration(left)} left (estimate)" in m.line()
     assert max(windows) / min(windows) > 10  # what a last-window rate would have shown
     assert rates and all(8.5 <= r <= 11.5 for r in rates), (min(rates), max(rates))
+
+
+def test_an_hour_long_cpu_estimate_names_the_cpu_presets():
+    from ddpmctl.cli.progress import describe_estimate
+
+    est = {"seconds": 3 * 3600, "steps": 3100, "method": "2 timed steps"}
+    assert "--preset mnist-small" in describe_estimate(est, "cpu") and "--preset shapes" in describe_estimate(est, "mps")
+    assert "mnist-small" not in describe_estimate(est, "cuda")
+    assert "mnist-small" not in describe_estimate({**est, "seconds": 1800}, "cpu")

@@ -13,6 +13,7 @@ from ddpmctl.diffusion import (
     discretized_gaussian_log_likelihood,
     extract,
     make_betas,
+    min_snr_weight,
     model_output_to_x0_eps,
     normal_kl,
     predict_eps_from_v,
@@ -218,6 +219,45 @@ def test_training_loss_of_exact_model_is_posterior_variance(lin: Schedule, t: in
     ab = float(lin.alphas_cumprod[t])
     expected = ab * sd**2 / (ab * sd**2 + 1 - ab)
     assert float(loss.mean()) == pytest.approx(expected, rel=0.02)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_weight_matches_closed_form(kind: str, prediction: str) -> None:
+    """min(SNR, 5) / SNR for eps and min(SNR, 5) / (SNR + 1) for v, SNR = abar / (1 - abar), all t."""
+    s = Schedule.create(kind, 1000)
+    t = torch.arange(1000)
+    abar = s.alphas_cumprod
+    snr = abar / (1 - abar)
+    expected = torch.minimum(snr, torch.full_like(snr, 5.0)) / (snr if prediction == "eps" else snr + 1)
+    got = min_snr_weight(s, t, prediction, 5.0)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=0)
+    assert bool((got > 0).all()) and bool((got <= 1).all())
+    # float32 schedule (as training uses it): finite at both ends, no overflow at t = 0 or 0/0 at t = T
+    got32 = min_snr_weight(s.to("cpu"), t, prediction, 5.0)
+    assert bool(torch.isfinite(got32).all())
+    torch.testing.assert_close(got32.double(), expected, rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+def test_min_snr_loss_is_min_snr_times_x0_error(cos: Schedule, prediction: str) -> None:
+    """Hang et al.'s definition: the weighted loss equals min(SNR, gamma) x ||x0_hat - x0||^2, whichever
+    the network predicts (x0_hat from the network's output through the usual conversion)."""
+    g = torch.Generator().manual_seed(5)
+    x0 = torch.rand(6, 1, 8, 8, generator=g, dtype=F64) * 2 - 1
+    noise = torch.randn(x0.shape, generator=g, dtype=F64)
+    out = torch.randn(x0.shape, generator=g, dtype=F64)
+    t = _t(0, 3, 100, 500, 900, 999)
+    gamma = 5.0
+    loss = training_loss(lambda x, tt, cond=None: out, cos, x0, t, noise, prediction, min_snr_gamma=gamma)
+    x0_hat, _ = model_output_to_x0_eps(cos, q_sample(cos, x0, t, noise), t, out, prediction)
+    snr = cos.alphas_cumprod[t] / (1 - cos.alphas_cumprod[t])
+    expected = snr.clamp(max=gamma) * (x0_hat - x0).square().flatten(1).mean(1)
+    torch.testing.assert_close(loss, expected, rtol=1e-7, atol=0)
+    # gamma None: L_simple, bitwise what it was
+    plain = training_loss(lambda x, tt, cond=None: out, cos, x0, t, noise, prediction)
+    assert torch.equal(plain, training_loss(lambda x, tt, cond=None: out, cos, x0, t, noise, prediction, None, None))
+    assert not torch.equal(plain, loss)
 
 
 # --- bits/dim ---------------------------------------------------------------------------------

@@ -93,7 +93,7 @@ def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "
         "pipx install .        # in a checkout of the ddpmctl repository; or: pip install .",
         cmd,
         f"ddpmctl grid samples/ --out {g['file']}",
-        *([f"{cmd} --class {shlex.quote(classes[0])} --guidance {config['sample'].get('guidance', 1.0):g}"]
+        *([f"{cmd} --class {shlex.quote(classes[0])} --guidance {config['sample'].get('guidance', 0.0):g}"]
           if classes else []),
         "```",
         *(["", f"Classes ({len(classes)}, `--class NAME`, an index, or `all`): "
@@ -123,7 +123,8 @@ def render_card(config: dict, source: str, *, license: str = "mit", fmt: str = "
             f"| epochs | {_fmt(tr.get('epochs'))} |",
             f"| optimizer steps | {_fmt(tr.get('steps'))} |",
             f"| images seen | {_fmt(tr.get('images_seen'))} |",
-            f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE) |",
+            f"| final loss | {_fmt(tr.get('final_loss'))} ({d['prediction']}-prediction MSE"
+            f"{', min-SNR-' + _fmt(d.get('min_snr_gamma')) + ' weighted' if d.get('loss_weighting') == 'min-snr' else ''}) |",
             f"| batch size | {_fmt(tr.get('batch_size'))} |",
             f"| optimizer | {tr.get('optimizer', 'AdamW')}, lr {_fmt(tr.get('lr'))} after "
             f"{_fmt(tr.get('warmup_steps'))} warm-up steps, "

@@ -42,6 +42,7 @@ __all__ = [
     "model_output_to_x0_eps",
     "training_target",
     "training_loss",
+    "min_snr_weight",
     "normal_kl",
     "discretized_gaussian_log_likelihood",
     "vb_terms_bpd",
@@ -314,20 +315,37 @@ def training_target(s: Schedule, x0: Tensor, t: Tensor, noise: Tensor, predictio
     raise ValueError(f"unknown prediction {prediction!r}; expected 'eps' or 'v'")
 
 
+def min_snr_weight(s: Schedule, t: Tensor, prediction: Prediction, gamma: float) -> Tensor:
+    """Min-SNR-gamma weight per example (Hang et al. 2023), shape (B,), in the schedule's dtype.
+
+    The paper weights the x0-MSE by min(SNR_t, gamma); on the eps-MSE that is min(SNR, gamma) / SNR
+    = min(1, gamma / SNR), on the v-MSE min(SNR, gamma) / (SNR + 1) (as diffusers' training scripts do).
+    Written with log SNR so that neither form overflows at t ~ 0 or divides by ~0 at t ~ T.
+    """
+    log_snr = s.log_snr[t]
+    if prediction == "eps":
+        return torch.clamp(gamma * torch.exp(-log_snr), max=1.0)
+    return torch.minimum(torch.sigmoid(log_snr), gamma * torch.sigmoid(-log_snr))
+
+
 def training_loss(
     model_fn: ModelFn, s: Schedule, x0: Tensor, t: Tensor, noise: Tensor, prediction: Prediction = "eps",
-    cond=None,
+    cond=None, min_snr_gamma: float | None = None,
 ) -> Tensor:
     """Per-example MSE between the network output at x_t = q_sample(x0, t, noise) and the target, shape (B,).
 
     L_simple of Ho et al. (eq. 14) for eps; the v-loss of Salimans & Ho for v. The difference is taken
     in float32 (or float64 if x0 is float64) even when the model returns bf16/fp16 under autocast.
+    ``min_snr_gamma``: multiply each example's MSE by :func:`min_snr_weight` (None: unweighted).
     """
     xt = q_sample(s, x0, t, noise)
     out = model_fn(xt, t, cond)
     target = training_target(s, x0, t, noise, prediction)
     dtype = torch.promote_types(target.dtype, torch.float32)
-    return _mean_flat((out.to(dtype) - target.to(dtype)).square())
+    loss = _mean_flat((out.to(dtype) - target.to(dtype)).square())
+    if min_snr_gamma is not None:
+        loss = loss * min_snr_weight(s, t, prediction, min_snr_gamma).to(dtype)
+    return loss
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,6 +36,12 @@ def uses_channels_last(device: torch.device) -> bool:
     return torch.device(device).type == "cuda"
 
 
+def loss_gamma(spec: RunSpec) -> float | None:
+    """The min-SNR gamma that :func:`ddpmctl.diffusion.training_loss` gets from the spec (None: L_simple)."""
+    d = spec.diffusion
+    return d.min_snr_gamma if d.loss_weighting == "min-snr" else None
+
+
 def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: RunSpec, precision, device,
                     scaler=None, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Callable:
     """One optimisation step: (x0, t, noise, lr, cond=None) -> (loss, grad_norm, finite), all device tensors.
@@ -49,6 +55,7 @@ def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: Run
     loss over ranks (NaN on any rank gives NaN on all), so every rank skips the same steps.
     """
     op, prediction = spec.optim, spec.diffusion.prediction
+    gamma = loss_gamma(spec)
     params = [p for p in model.parameters() if p.requires_grad]
     channels_last = uses_channels_last(device)
 
@@ -59,7 +66,7 @@ def make_train_step(forward, model, opt, ema: EMA, schedule: Schedule, spec: Run
         for g in opt.param_groups:
             g["lr"] = lr
         with precision.autocast(device):
-            loss = training_loss(forward, schedule, x0, t, noise, prediction, cond).mean()
+            loss = training_loss(forward, schedule, x0, t, noise, prediction, cond, gamma).mean()
         if scaler is not None:
             scaler.scale(loss).backward()
             scaler.unscale_(opt)
