@@ -481,3 +481,29 @@ def test_the_activation_estimate_matches_a_real_forward():
     real = sum(seen.values()) / b
     assert 0.8 * real <= est.activation_bytes_per_image <= 1.25 * real, (est.activation_bytes_per_image, real)
     assert est.parameter_bytes == 20 * sum(p.numel() for p in net.parameters())
+
+
+def test_sigterm_inside_a_finalizer_still_ends_the_command(tmp_path):
+    """A SIGTERM whose handler runs inside a finalizer or weakref callback (where Python swallows the
+    exception and prints a traceback) is raised again once the finalizer is done: the command ends
+    the usual way, with no traceback."""
+    script = tmp_path / "finalizer.py"
+    script.write_text(
+        "import os, signal\n"
+        "from ddpmctl.cli.common import Terminated, handle_sigterm\n"
+        "handle_sigterm()\n"
+        "class A:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        for _ in range(10000):  # the handler runs in here\n"
+        "            pass\n"
+        "try:\n"
+        "    a = A()\n"
+        "    del a\n"
+        "    for _ in range(10**8):\n"
+        "        pass\n"
+        "    print('not terminated')\n"
+        "except Terminated:\n"
+        "    print('terminated')\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "terminated" and "Traceback" not in r.stderr, (r.stdout, r.stderr)

@@ -189,9 +189,22 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
+def _terminated_in_a_finalizer(unraisable, previous=sys.unraisablehook) -> None:
+    """A SIGTERM that arrived while a finalizer or weakref callback ran raised :class:`Terminated` there,
+    where Python cannot propagate it (it would print "Exception ignored ... Traceback" and go on): raise
+    it again 10 ms later (SIGALRM, which ddpmctl uses for nothing else), once the finalizer is done, so the
+    exit takes its usual path."""
+    if isinstance(unraisable.exc_value, Terminated):  # (raise_signal here would run the handler at once)
+        signal.signal(signal.SIGALRM, _raise_terminated)
+        signal.setitimer(signal.ITIMER_REAL, 0.01)
+        return
+    previous(unraisable)
+
+
 def handle_sigterm() -> None:
     """From now on SIGTERM raises :class:`Terminated` (main thread only; elsewhere nothing changes)."""
     try:
         signal.signal(signal.SIGTERM, _raise_terminated)
     except ValueError:  # not the main thread: signals are the host program's business
-        pass
+        return
+    sys.unraisablehook = _terminated_in_a_finalizer
