@@ -120,28 +120,6 @@ def per_class(classes: Sequence[int], per_row: int, seed: int) -> tuple[list[int
     return seeds, [c for c in classes for _ in range(per_row)]
 
 
-def parse_classes(spec: RunSpec, text: str) -> list[int]:
-    """`--class` values -> class indices: a name, an index, a comma-separated list of either, or ``all``."""
-    names = list(spec.model.classes)
-    if not spec.model.num_classes:
-        raise UsageError("--class needs a class-conditional model; this one is unconditional "
-                         "(train one with --conditional)")
-    accepted = f"accepted: all, 0..{len(names) - 1}, or a name: {', '.join(names[:20])}" + (
-        ", ..." if len(names) > 20 else "")
-    if text.strip() == "all":
-        return list(range(len(names)))
-    out = []
-    for part in text.split(","):
-        p = part.strip()
-        if p in names:
-            out.append(names.index(p))
-        elif p.isdigit() and int(p) < len(names):
-            out.append(int(p))
-        else:
-            raise UsageError(f"unknown class {p!r}; {accepted}")
-    return out
-
-
 # Below this many (images x network evaluations) a sampling call runs uncompiled on CUDA: compiling
 # the network takes tens of seconds. Never automatic on the CPU: on an idle 2-core machine the
 # compiled, frozen network was no faster than eager (mnist 384 vs 384 ms, cifar10 1017 vs 1019 ms per

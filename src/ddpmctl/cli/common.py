@@ -208,3 +208,27 @@ def handle_sigterm() -> None:
     except ValueError:  # not the main thread: signals are the host program's business
         return
     sys.unraisablehook = _terminated_in_a_finalizer
+
+
+def parse_classes(spec, text: str) -> list[int]:
+    """`--class` values -> class indices: a name, an index, a comma-separated list of either, or ``all``."""
+    from ddpmctl.errors import UsageError
+
+    names = list(spec.model.classes)
+    if not spec.model.num_classes:
+        raise UsageError("--class needs a class-conditional model; this one is unconditional "
+                         "(train one with --conditional)")
+    accepted = f"accepted: all, 0..{len(names) - 1}, or a name: {', '.join(names[:20])}" + (
+        ", ..." if len(names) > 20 else "")
+    if text.strip() == "all":
+        return list(range(len(names)))
+    out = []
+    for part in text.split(","):
+        p = part.strip()
+        if p in names:
+            out.append(names.index(p))
+        elif p.isdigit() and int(p) < len(names):
+            out.append(int(p))
+        else:
+            raise UsageError(f"unknown class {p!r}; {accepted}")
+    return out

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from ddpmctl.cli.common import DeviceOpt, SamplerOpt, app, command_device, info, warn
+from ddpmctl.cli.common import DeviceOpt, SamplerOpt, app, command_device, info, parse_classes, warn
 
 
 @app.command(epilog="Examples:\n\n  ddpmctl grid faces/ --out faces.png\n\n"
@@ -101,7 +101,7 @@ def _evolution(run_dir: Path, n: int):
 def _per_class(source: Path, n: int, sampler: str, steps, seed: int, guidance, device):
     import torch
 
-    from ddpmctl.generate import parse_classes, per_class
+    from ddpmctl.generate import per_class
     from ddpmctl.images import make_grid
 
     den, sampler, steps, eta, dev = _sampling(source, sampler, steps, device)

@@ -11,7 +11,7 @@ from typing import Annotated, Iterator, Literal, Optional
 import typer
 
 from ddpmctl.cli.common import (PRECISION_HELP, DeviceOpt, JsonOpt, QuietOpt, SamplerOpt, app, command_device, info,
-                                print_json, warn)
+                                parse_classes, print_json, warn)
 from ddpmctl.cli.train import NprocOpt
 
 @app.command(epilog="Examples:\n\n  ddpmctl sample --n 100 --out faces/\n\n"
@@ -58,7 +58,7 @@ def sample(
     from ddpmctl.devices import choose_precision, describe
     from ddpmctl.dist import rank_device
     from ddpmctl.errors import UsageError
-    from ddpmctl.generate import compile_pays_off, generate, parse_classes, per_class, run_defaults
+    from ddpmctl.generate import compile_pays_off, generate, per_class, run_defaults
     from ddpmctl.hub import HF_PREFIX
     from ddpmctl.modelfolder import load_source
     from ddpmctl.images import save_png
